@@ -1,0 +1,96 @@
+//! `mailintake run [--once]`: the worker.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::pipeline::Pipeline;
+use crate::poll::Context;
+use crate::raw_store::RawStore;
+use crate::registry::Registry;
+use crate::scheduler;
+
+pub async fn context(config: Config) -> anyhow::Result<Context> {
+    let store = RawStore::open(&config.data_dir)
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let registry = Registry::open(&config.database_url).await?;
+    let credentials = Credentials::from_config(&config)?;
+    Ok(Context {
+        config: Arc::new(config),
+        credentials,
+        pipeline: Pipeline {
+            store: Arc::new(store),
+            registry,
+        },
+    })
+}
+
+/// Polls every mailbox once. Returns true only if every mailbox succeeded completely.
+pub async fn once(config: Config) -> anyhow::Result<bool> {
+    let ctx = context(config).await?;
+    let cancel = CancellationToken::new();
+    let signal_cancel = cancel.clone();
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_cancel.cancel();
+    });
+    let outcomes = scheduler::run_once(&ctx, &cancel).await;
+    signals.abort();
+    let mut all_ok = true;
+    for o in &outcomes {
+        match &o.result {
+            Ok(r) => {
+                println!(
+                    "{}: {} new, {} already registered, {} acknowledged{}{}",
+                    o.mailbox_id,
+                    r.registered,
+                    r.already_registered,
+                    r.acked,
+                    if r.failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} FAILED", r.failed.len())
+                    },
+                    if r.interrupted { " (interrupted)" } else { "" }
+                );
+                for (uid, reason) in &r.failed {
+                    eprintln!("error: mailbox {}: UID {uid}: {reason}", o.mailbox_id);
+                }
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+        all_ok &= o.succeeded();
+    }
+    ctx.pipeline.registry.close().await;
+    Ok(all_ok)
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn forever(config: Config) -> anyhow::Result<()> {
+    let ctx = context(config).await?;
+    tracing::info!(mailboxes = ctx.config.mailboxes.len(), "mailintake running");
+    scheduler::run_forever(&ctx, shutdown_signal()).await;
+    ctx.pipeline.registry.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! One authenticated IMAP session. Every network wait runs under a timeout; nothing here
+//! reconnects behind the caller's back (a silent reselect would break UID bookkeeping).
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use async_imap::Authenticator;
+use futures::StreamExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::stream::ImapStream;
+use super::{ImapError, uid_set};
+use crate::config::TlsMode;
+use crate::credentials::SaslLogin;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// An extra root certificate (PEM) to trust besides the system store, e.g. an on-premises CA.
+    pub ca_file: Option<&'a Path>,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+/// The state of a folder after SELECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selected {
+    pub uidvalidity: u32,
+    pub exists: u32,
+    pub uid_next: Option<u32>,
+}
+
+/// One message as the server served it.
+#[derive(Debug)]
+pub struct Fetched {
+    pub uid: u32,
+    pub raw: Vec<u8>,
+}
+
+pub struct MailSession {
+    session: async_imap::Session<ImapStream>,
+    io_timeout: Duration,
+    has_move: bool,
+}
+
+/// SASL XOAUTH2 initial response: `user=…^Aauth=Bearer …^A^A`. On failure the server sends a
+/// JSON challenge, answered with an empty response (RFC 7628 / Google's XOAUTH2 description).
+struct XOAuth2<'a> {
+    user: &'a str,
+    token: &'a str,
+    sent: bool,
+}
+
+impl Authenticator for XOAuth2<'_> {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        if self.sent {
+            return Vec::new();
+        }
+        self.sent = true;
+        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token).into_bytes()
+    }
+}
+
+async fn within<T, E>(
+    step: &'static str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+    map: impl FnOnce(E) -> ImapError,
+) -> Result<T, ImapError> {
+    match timeout(after, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(map(e)),
+        Err(_) => Err(ImapError::Timeout { step, after }),
+    }
+}
+
+async fn tls_wrap(ep: &Endpoint<'_>, tcp: TcpStream) -> Result<ImapStream, ImapError> {
+    let mut connector = async_native_tls::TlsConnector::new();
+    if let Some(ca) = ep.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| ImapError::Tls {
+            host: ep.host.to_owned(),
+            detail: format!("cannot read CA file {}: {e}", ca.display()),
+        })?;
+        let cert = async_native_tls::Certificate::from_pem(&pem).map_err(|e| ImapError::Tls {
+            host: ep.host.to_owned(),
+            detail: format!("CA file {} is not a PEM certificate: {e}", ca.display()),
+        })?;
+        connector = connector.add_root_certificate(cert);
+    }
+    let tls = within(
+        "TLS handshake",
+        ep.io_timeout,
+        connector.connect(ep.host, tcp),
+        |e| ImapError::Tls {
+            host: ep.host.to_owned(),
+            detail: e.to_string(),
+        },
+    )
+    .await?;
+    Ok(ImapStream::Tls(Box::new(tls)))
+}
+
+async fn read_greeting(
+    client: &mut async_imap::Client<ImapStream>,
+    io_timeout: Duration,
+) -> Result<(), ImapError> {
+    let greeting = within("greeting", io_timeout, client.read_response(), |e| {
+        ImapError::Io {
+            step: "greeting",
+            source: e,
+        }
+    })
+    .await?;
+    match greeting {
+        None => Err(ImapError::ConnectionLost { step: "greeting" }),
+        Some(resp) => {
+            use async_imap::imap_proto::{Response, Status};
+            match resp.parsed() {
+                Response::Data {
+                    status: Status::Ok, ..
+                } => Ok(()),
+                other => Err(ImapError::Protocol {
+                    step: "greeting",
+                    detail: format!("unexpected greeting {other:?}"),
+                }),
+            }
+        }
+    }
+}
+
+impl MailSession {
+    /// Connects, reads the greeting, upgrades to TLS as configured and logs in.
+    pub async fn connect(ep: &Endpoint<'_>, login: &SaslLogin) -> Result<MailSession, ImapError> {
+        let addr = format!("{}:{}", ep.host, ep.port);
+        let tcp = within(
+            "connect",
+            ep.connect_timeout,
+            TcpStream::connect((ep.host, ep.port)),
+            |source| ImapError::Connect {
+                addr: addr.clone(),
+                source,
+            },
+        )
+        .await?;
+        let _ = tcp.set_nodelay(true);
+        let client = match ep.tls {
+            TlsMode::Implicit => {
+                let mut c = async_imap::Client::new(tls_wrap(ep, tcp).await?);
+                read_greeting(&mut c, ep.io_timeout).await?;
+                c
+            }
+            TlsMode::Plain => {
+                let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
+                read_greeting(&mut c, ep.io_timeout).await?;
+                c
+            }
+            TlsMode::StartTls => {
+                let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
+                read_greeting(&mut c, ep.io_timeout).await?;
+                within(
+                    "STARTTLS",
+                    ep.io_timeout,
+                    c.run_command_and_check_ok("STARTTLS", None),
+                    |e| ImapError::from_imap("STARTTLS", e),
+                )
+                .await?;
+                let ImapStream::Plain(tcp) = c.into_inner() else {
+                    return Err(ImapError::Protocol {
+                        step: "STARTTLS",
+                        detail: "stream already encrypted".into(),
+                    });
+                };
+                async_imap::Client::new(tls_wrap(ep, tcp).await?)
+            }
+        };
+        // Nothing from before TLS may be trusted; nothing is buffered after a fresh client.
+        let session = match login {
+            SaslLogin::XOAuth2 { user, token } => {
+                let auth = XOAuth2 {
+                    user,
+                    token: token.expose(),
+                    sent: false,
+                };
+                match timeout(ep.io_timeout, client.authenticate("XOAUTH2", auth)).await {
+                    Err(_) => {
+                        return Err(ImapError::Timeout {
+                            step: "AUTHENTICATE XOAUTH2",
+                            after: ep.io_timeout,
+                        });
+                    }
+                    Ok(Ok(session)) => session,
+                    Ok(Err((e, _client))) => return Err(auth_error(user, e)),
+                }
+            }
+        };
+        let mut session = MailSession {
+            session,
+            io_timeout: ep.io_timeout,
+            has_move: false,
+        };
+        let caps = within(
+            "CAPABILITY",
+            session.io_timeout,
+            session.session.capabilities(),
+            |e| ImapError::from_imap("CAPABILITY", e),
+        )
+        .await?;
+        session.has_move = caps.has_str("MOVE");
+        client_drop_unsolicited(&mut session.session);
+        Ok(session)
+    }
+
+    /// SELECT (read-write) and report UIDVALIDITY, which must be present.
+    pub async fn select(&mut self, folder: &str) -> Result<Selected, ImapError> {
+        let mailbox = within(
+            "SELECT",
+            self.io_timeout,
+            self.session.select(folder),
+            |e| ImapError::from_imap("SELECT", e),
+        )
+        .await?;
+        client_drop_unsolicited(&mut self.session);
+        let uidvalidity = mailbox
+            .uid_validity
+            .ok_or_else(|| ImapError::NoUidValidity {
+                folder: folder.to_owned(),
+            })?;
+        Ok(Selected {
+            uidvalidity,
+            exists: mailbox.exists,
+            uid_next: mailbox.uid_next,
+        })
+    }
+
+    pub async fn noop(&mut self) -> Result<(), ImapError> {
+        within("NOOP", self.io_timeout, self.session.noop(), |e| {
+            ImapError::from_imap("NOOP", e)
+        })
+        .await?;
+        client_drop_unsolicited(&mut self.session);
+        Ok(())
+    }
+
+    /// `UID SEARCH`, sorted ascending.
+    pub async fn uid_search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
+        let set = within(
+            "UID SEARCH",
+            self.io_timeout,
+            self.session.uid_search(query),
+            |e| ImapError::from_imap("UID SEARCH", e),
+        )
+        .await?;
+        client_drop_unsolicited(&mut self.session);
+        let mut uids: Vec<u32> = set.into_iter().collect();
+        uids.sort_unstable();
+        Ok(uids)
+    }
+
+    /// The UIDs to look at in this poll: every unseen message, plus every message above the
+    /// high-water mark whatever its flags (someone may have read it in another client before we
+    /// saw it). Sorted ascending. Sends NOOP first so mail delivered since SELECT is visible.
+    pub async fn candidates(&mut self, high_water: u32) -> Result<Vec<u32>, ImapError> {
+        self.noop().await?;
+        let mut uids = self.uid_search("UNSEEN").await?;
+        if let Some(next) = high_water.checked_add(1) {
+            // `n:*` with n above the highest UID still matches the highest message: filter.
+            let above = self.uid_search(&format!("UID {next}:*")).await?;
+            uids.extend(above.into_iter().filter(|u| *u > high_water));
+        }
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
+    }
+
+    /// `UID FETCH set (UID RFC822.SIZE)`: sizes for batching by bytes, sorted by UID.
+    pub async fn sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u32)>, ImapError> {
+        let fetches = self
+            .fetch_items(uids, "(UID RFC822.SIZE)", "UID FETCH RFC822.SIZE")
+            .await?;
+        let mut out: Vec<(u32, u32)> = fetches
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// `UID FETCH set (UID BODY.PEEK[])`: the raw messages, never setting `\Seen`. UIDs the
+    /// server did not return (expunged meanwhile, or a silent failure) are reported by the
+    /// caller comparing with what it asked for.
+    pub async fn fetch_raw(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
+        let fetches = self
+            .fetch_items(uids, "(UID BODY.PEEK[])", "UID FETCH BODY.PEEK[]")
+            .await?;
+        let mut out = Vec::with_capacity(fetches.len());
+        for f in fetches {
+            let (Some(uid), Some(body)) = (f.uid, f.body()) else {
+                continue;
+            };
+            out.push(Fetched {
+                uid,
+                raw: body.to_vec(),
+            });
+        }
+        out.sort_unstable_by_key(|f| f.uid);
+        Ok(out)
+    }
+
+    async fn fetch_items(
+        &mut self,
+        uids: &[u32],
+        query: &str,
+        step: &'static str,
+    ) -> Result<Vec<async_imap::types::Fetch>, ImapError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let set = uid_set::format(uids);
+        let io_timeout = self.io_timeout;
+        let mut stream = within(step, io_timeout, self.session.uid_fetch(&set, query), |e| {
+            ImapError::from_imap(step, e)
+        })
+        .await?;
+        let mut out = Vec::with_capacity(uids.len());
+        // Drain the whole stream before anything else is sent; each item under the timeout.
+        loop {
+            match timeout(io_timeout, stream.next()).await {
+                Err(_) => {
+                    return Err(ImapError::Timeout {
+                        step,
+                        after: io_timeout,
+                    });
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(fetch))) => out.push(fetch),
+                Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
+            }
+        }
+        drop(stream);
+        client_drop_unsolicited(&mut self.session);
+        Ok(out)
+    }
+
+    /// `UID STORE set +FLAGS.SILENT (\Seen)`.
+    pub async fn mark_seen(&mut self, uids: &[u32]) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set::format(uids);
+        let step = "UID STORE +FLAGS (\\Seen)";
+        let io_timeout = self.io_timeout;
+        let mut stream = within(
+            step,
+            io_timeout,
+            self.session.uid_store(&set, "+FLAGS.SILENT (\\Seen)"),
+            |e| ImapError::from_imap(step, e),
+        )
+        .await?;
+        loop {
+            match timeout(io_timeout, stream.next()).await {
+                Err(_) => {
+                    return Err(ImapError::Timeout {
+                        step,
+                        after: io_timeout,
+                    });
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
+            }
+        }
+        drop(stream);
+        client_drop_unsolicited(&mut self.session);
+        Ok(())
+    }
+
+    /// Moves messages to `folder` (RFC 6851 `UID MOVE`; where the server lacks MOVE, copy then
+    /// mark `\Deleted` and `UID EXPUNGE` exactly those UIDs).
+    pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set::format(uids);
+        if self.has_move {
+            within(
+                "UID MOVE",
+                self.io_timeout,
+                self.session.uid_mv(&set, folder),
+                |e| ImapError::from_imap("UID MOVE", e),
+            )
+            .await?;
+        } else {
+            within(
+                "UID COPY",
+                self.io_timeout,
+                self.session.uid_copy(&set, folder),
+                |e| ImapError::from_imap("UID COPY", e),
+            )
+            .await?;
+            within(
+                "UID STORE +FLAGS (\\Deleted)",
+                self.io_timeout,
+                self.session
+                    .run_command_and_check_ok(format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)")),
+                |e| ImapError::from_imap("UID STORE +FLAGS (\\Deleted)", e),
+            )
+            .await?;
+            within(
+                "UID EXPUNGE",
+                self.io_timeout,
+                self.session
+                    .run_command_and_check_ok(format!("UID EXPUNGE {set}")),
+                |e| ImapError::from_imap("UID EXPUNGE", e),
+            )
+            .await?;
+        }
+        client_drop_unsolicited(&mut self.session);
+        Ok(())
+    }
+
+    /// Creates a folder if it does not exist yet (for `move:` targets).
+    pub async fn ensure_folder(&mut self, folder: &str) -> Result<(), ImapError> {
+        match within(
+            "CREATE",
+            self.io_timeout,
+            self.session.create(folder),
+            |e| ImapError::from_imap("CREATE", e),
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            // Already exists ([ALREADYEXISTS] or a plain NO): the following MOVE tells if not.
+            Err(ImapError::No { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// LOGOUT, best effort: the work is done whatever the server answers.
+    pub async fn logout(mut self) {
+        let _ = timeout(Duration::from_secs(5), self.session.logout()).await;
+    }
+}
+
+fn auth_error(user: &str, e: async_imap::error::Error) -> ImapError {
+    use async_imap::error::Error;
+    match e {
+        Error::No(text) | Error::Bad(text) => {
+            if text.contains("UNAVAILABLE") || text.contains("Temporary") {
+                ImapError::AuthUnavailable {
+                    user: user.to_owned(),
+                    text,
+                }
+            } else {
+                ImapError::AuthFailed {
+                    user: user.to_owned(),
+                    text,
+                }
+            }
+        }
+        other => ImapError::from_imap("AUTHENTICATE", other),
+    }
+}
+
+/// Unsolicited EXISTS/RECENT/EXPUNGE go to a bounded channel that drops on overflow; nothing
+/// here needs them (every poll starts with NOOP + SEARCH), so drain it after each command.
+fn client_drop_unsolicited(session: &mut async_imap::Session<ImapStream>) {
+    while session.unsolicited_responses.try_recv().is_ok() {}
+}

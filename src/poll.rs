@@ -1,0 +1,383 @@
+//! One poll of one mailbox: token → login → SELECT/UIDVALIDITY → pending acks → candidates →
+//! batched `BODY.PEEK[]` fetches → `ingest_one` each → acks for what was committed.
+//!
+//! Invariant: a message is acknowledged on the server (`\Seen` or moved) only after its
+//! registration committed, and it is registered at most once per (mailbox, folder, UIDVALIDITY,
+//! UID). A crash anywhere leaves it registered (its ack row will be replayed) or untouched.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AfterAction, Config, MailboxConfig};
+use crate::credentials::{CredentialError, Credentials};
+use crate::imap::{Endpoint, ImapError, MailSession};
+use crate::pipeline::{IngestError, Pipeline, Source, ingest_one};
+use crate::registry::{Origin, RegistryError, UidValidityCheck};
+
+/// Everything a poll needs, shared by all mailbox tasks.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub credentials: Credentials,
+    pub pipeline: Pipeline,
+}
+
+/// What one poll did.
+#[derive(Debug, Default, Clone)]
+pub struct PollReport {
+    pub uidvalidity: u32,
+    pub candidates: usize,
+    pub registered: usize,
+    pub already_registered: usize,
+    pub acked: usize,
+    /// UIDs the server listed but did not return when fetched (expunged meanwhile).
+    pub vanished: Vec<u32>,
+    /// Messages that could not be registered, with the reason. They stay unacknowledged.
+    pub failed: Vec<(u32, String)>,
+    /// True when shutdown was requested and the poll stopped early.
+    pub interrupted: bool,
+}
+
+impl PollReport {
+    pub fn is_complete_success(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("mailbox {mailbox}: cannot get a token: {source}")]
+    Credential {
+        mailbox: String,
+        source: CredentialError,
+    },
+    #[error("mailbox {mailbox}: {source}")]
+    Imap { mailbox: String, source: ImapError },
+    #[error("mailbox {mailbox}: {source}")]
+    Registry {
+        mailbox: String,
+        source: RegistryError,
+    },
+    #[error("mailbox {mailbox}: {source}")]
+    Ingest {
+        mailbox: String,
+        source: IngestError,
+    },
+}
+
+impl PollError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PollError::Credential { source, .. } => source.is_transient(),
+            PollError::Imap { source, .. } => source.is_transient(),
+            PollError::Registry { source, .. } => source.is_transient(),
+            PollError::Ingest { .. } => false,
+        }
+    }
+}
+
+struct Poller<'a> {
+    ctx: &'a Context,
+    mb: &'a MailboxConfig,
+}
+
+impl Poller<'_> {
+    fn imap(&self) -> impl FnOnce(ImapError) -> PollError + '_ {
+        |source| PollError::Imap {
+            mailbox: self.mb.id.clone(),
+            source,
+        }
+    }
+
+    fn reg(&self) -> impl FnOnce(RegistryError) -> PollError + '_ {
+        |source| PollError::Registry {
+            mailbox: self.mb.id.clone(),
+            source,
+        }
+    }
+}
+
+/// Polls one mailbox once. Returns early (between messages) when `cancel` fires.
+pub async fn poll_mailbox(
+    ctx: &Context,
+    mb: &MailboxConfig,
+    cancel: &CancellationToken,
+) -> Result<PollReport, PollError> {
+    let p = Poller { ctx, mb };
+    let login = ctx
+        .credentials
+        .login(&mb.credential, &mb.address)
+        .await
+        .map_err(|source| PollError::Credential {
+            mailbox: mb.id.clone(),
+            source,
+        })?;
+    let endpoint = Endpoint {
+        host: &mb.host,
+        port: mb.port,
+        tls: mb.tls,
+        ca_file: mb.ca_file.as_deref(),
+        connect_timeout: ctx.config.imap.connect_timeout,
+        io_timeout: ctx.config.imap.io_timeout,
+    };
+    let mut session = match MailSession::connect(&endpoint, &login).await {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(e, ImapError::AuthFailed { .. }) {
+                // The token may be stale or revoked: ask for a new one next time.
+                ctx.credentials.invalidate(&mb.credential).await;
+            }
+            return Err(p.imap()(e));
+        }
+    };
+    let result = poll_session(&p, &mut session, cancel).await;
+    session.logout().await;
+    result
+}
+
+async fn poll_session(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    cancel: &CancellationToken,
+) -> Result<PollReport, PollError> {
+    let mb = p.mb;
+    let registry = &p.ctx.pipeline.registry;
+    let selected = session.select(&mb.folder).await.map_err(p.imap())?;
+    let mut report = PollReport {
+        uidvalidity: selected.uidvalidity,
+        ..PollReport::default()
+    };
+    match registry
+        .check_uidvalidity(&mb.id, &mb.folder, &mb.address, selected.uidvalidity)
+        .await
+        .map_err(p.reg())?
+    {
+        UidValidityCheck::Changed { previous } => tracing::warn!(
+            mailbox = %mb.id,
+            folder = %mb.folder,
+            previous,
+            current = selected.uidvalidity,
+            "UIDVALIDITY changed: the folder is scanned again from its first message"
+        ),
+        UidValidityCheck::First => tracing::info!(
+            mailbox = %mb.id,
+            folder = %mb.folder,
+            uidvalidity = selected.uidvalidity,
+            "first poll of this folder: every message in it will be registered"
+        ),
+        UidValidityCheck::Unchanged => {}
+    }
+
+    // Acknowledgements left over from an interrupted run come first.
+    report.acked += drain_acks(p, session, selected.uidvalidity).await?;
+
+    let high_water = registry
+        .mailbox_state(&mb.id, &mb.folder)
+        .await
+        .map_err(p.reg())?
+        .map(|s| s.high_water_uid)
+        .unwrap_or(0);
+    let candidates = session.candidates(high_water).await.map_err(p.imap())?;
+    report.candidates = candidates.len();
+    let done = registry
+        .registered_uids(&mb.id, &mb.folder, selected.uidvalidity, &candidates)
+        .await
+        .map_err(p.reg())?;
+    report.already_registered = done.len();
+    let todo: Vec<u32> = candidates
+        .iter()
+        .copied()
+        .filter(|u| !done.contains(u))
+        .collect();
+
+    let mut registered: HashSet<u32> = done;
+    if !todo.is_empty() {
+        let sizes = session.sizes(&todo).await.map_err(p.imap())?;
+        let tuning = &p.ctx.config.imap;
+        for batch in batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes) {
+            if cancel.is_cancelled() {
+                report.interrupted = true;
+                break;
+            }
+            let fetched = session.fetch_raw(&batch).await.map_err(p.imap())?;
+            let got: HashSet<u32> = fetched.iter().map(|f| f.uid).collect();
+            for uid in batch.iter().filter(|u| !got.contains(u)) {
+                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+                report.vanished.push(*uid);
+            }
+            for msg in fetched {
+                if cancel.is_cancelled() {
+                    report.interrupted = true;
+                    break;
+                }
+                let uid = msg.uid;
+                let source = Source {
+                    origin: Origin::Imap {
+                        mailbox_id: mb.id.clone(),
+                        folder: mb.folder.clone(),
+                        uidvalidity: selected.uidvalidity,
+                        uid,
+                    },
+                    ack: ack_action(&mb.after),
+                };
+                match ingest_one(&p.ctx.pipeline, msg.raw, &source).await {
+                    Ok(done) => {
+                        registered.insert(uid);
+                        if done.record.newly {
+                            report.registered += 1;
+                            tracing::info!(
+                                mailbox = %mb.id,
+                                uid,
+                                record = done.record.id,
+                                raw_sha256 = %done.raw_sha256,
+                                attachments = done.attachments,
+                                "registered"
+                            );
+                        } else {
+                            report.already_registered += 1;
+                        }
+                    }
+                    Err(e) if e.is_message_specific() => {
+                        tracing::error!(mailbox = %mb.id, uid, error = %e, "message not registered; left unacknowledged on the server");
+                        report.failed.push((uid, e.to_string()));
+                    }
+                    Err(e) => {
+                        return Err(PollError::Ingest {
+                            mailbox: mb.id.clone(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            // Acknowledge what this batch committed before fetching the next one.
+            report.acked += drain_acks(p, session, selected.uidvalidity).await?;
+            if report.interrupted {
+                break;
+            }
+        }
+    }
+
+    // The high-water mark only moves over an unbroken run of registered UIDs, so a message
+    // that failed (or that FETCH did not return) stays above it and is looked at again even if
+    // someone reads it meanwhile. A UID really expunged is no candidate next time.
+    let mut new_high = high_water;
+    for uid in &candidates {
+        if registered.contains(uid) {
+            new_high = new_high.max(*uid);
+        } else {
+            break;
+        }
+    }
+    if new_high > high_water {
+        registry
+            .advance_high_water(&mb.id, &mb.folder, selected.uidvalidity, new_high)
+            .await
+            .map_err(p.reg())?;
+    }
+    tracing::info!(
+        mailbox = %mb.id,
+        candidates = report.candidates,
+        registered = report.registered,
+        already_registered = report.already_registered,
+        acked = report.acked,
+        failed = report.failed.len(),
+        high_water = new_high,
+        "poll finished"
+    );
+    Ok(report)
+}
+
+fn ack_action(after: &AfterAction) -> Option<String> {
+    match after {
+        AfterAction::None => None,
+        other => Some(other.as_config_str()),
+    }
+}
+
+/// Performs the pending acknowledgements of this folder and deletes their rows.
+async fn drain_acks(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+) -> Result<usize, PollError> {
+    let registry = &p.ctx.pipeline.registry;
+    let pending = registry
+        .pending_acks(&p.mb.id, &p.mb.folder)
+        .await
+        .map_err(p.reg())?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let mut stale = Vec::new();
+    let mut by_action: BTreeMap<String, Vec<&crate::registry::PendingAck>> = BTreeMap::new();
+    for ack in &pending {
+        if ack.uidvalidity == uidvalidity {
+            by_action.entry(ack.action.clone()).or_default().push(ack);
+        } else {
+            // The UIDs were renumbered: this UID now names another message (or none).
+            tracing::warn!(mailbox = %p.mb.id, uid = ack.uid, "pending acknowledgement dropped: UIDVALIDITY changed since registration");
+            stale.push(ack.id);
+        }
+    }
+    registry.acks_done(&stale).await.map_err(p.reg())?;
+    let mut done = 0;
+    for (action, acks) in by_action {
+        let uids: Vec<u32> = acks.iter().map(|a| a.uid).collect();
+        match AfterAction::parse(&action) {
+            Some(AfterAction::Seen) => session.mark_seen(&uids).await.map_err(p.imap())?,
+            Some(AfterAction::Move(folder)) => {
+                session.ensure_folder(&folder).await.map_err(p.imap())?;
+                session.move_to(&uids, &folder).await.map_err(p.imap())?;
+            }
+            Some(AfterAction::None) | None => {
+                tracing::warn!(mailbox = %p.mb.id, action = %action, "unknown pending acknowledgement dropped");
+            }
+        }
+        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+        registry.acks_done(&ids).await.map_err(p.reg())?;
+        done += uids.len();
+    }
+    Ok(done)
+}
+
+/// Splits `(uid, size)` pairs into fetch batches bounded by count and by bytes (a message
+/// larger than the byte bound gets a batch of its own).
+pub fn batches(sizes: &[(u32, u32)], max_messages: usize, max_bytes: u64) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0u64;
+    for (uid, size) in sizes {
+        let size = u64::from(*size);
+        if !current.is_empty() && (current.len() >= max_messages || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        current.push(*uid);
+        bytes += size;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        let sizes = [(1, 10), (2, 10), (3, 100), (4, 5), (5, 5), (6, 5)];
+        assert_eq!(
+            batches(&sizes, 10, 25),
+            vec![vec![1, 2], vec![3], vec![4, 5, 6]]
+        );
+        assert_eq!(
+            batches(&sizes, 2, 1000),
+            vec![vec![1, 2], vec![3, 4], vec![5, 6]]
+        );
+        assert!(batches(&[], 2, 10).is_empty());
+    }
+}

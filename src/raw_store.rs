@@ -1,0 +1,180 @@
+//! Content-addressed blob store for raw messages and attachments under the data dir.
+//!
+//! Layout: `blobs/sha256/ab/abcdef…` (the full hex digest). A blob is written to `tmp/`, fsynced,
+//! renamed into place and its directory fsynced, so once [`RawStore::put`] returns the bytes
+//! survive a crash. Writing the same bytes twice is a no-op. A blob no record refers to (a crash
+//! between write and registry commit) is harmless.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// A SHA-256 digest, shown as lower-case hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha256Digest(pub [u8; 32]);
+
+impl Sha256Digest {
+    pub fn of(bytes: &[u8]) -> Sha256Digest {
+        Sha256Digest(Sha256::digest(bytes).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Sha256Digest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Sha256Digest(out))
+    }
+}
+
+impl std::fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("raw store: cannot {action} {}: {source}", path.display())]
+pub struct StoreError {
+    pub action: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+#[derive(Debug, Clone)]
+pub struct RawStore {
+    root: PathBuf,
+}
+
+impl RawStore {
+    /// Opens (creating if needed) the store under `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<RawStore, StoreError> {
+        let store = RawStore {
+            root: data_dir.to_owned(),
+        };
+        for dir in [store.blobs_dir(), store.tmp_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| StoreError {
+                action: "create directory",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(store)
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists).
+    pub fn path_of(&self, digest: &Sha256Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.blobs_dir().join(&hex[..2]).join(hex)
+    }
+
+    /// Stores `bytes` durably and returns their digest.
+    pub fn put(&self, bytes: &[u8]) -> Result<Sha256Digest, StoreError> {
+        let digest = Sha256Digest::of(bytes);
+        self.put_with_digest(bytes, digest)?;
+        Ok(digest)
+    }
+
+    /// Stores bytes whose digest the caller already computed.
+    pub fn put_with_digest(&self, bytes: &[u8], digest: Sha256Digest) -> Result<(), StoreError> {
+        let dest = self.path_of(&digest);
+        if let Ok(meta) = fs::metadata(&dest)
+            && meta.len() == bytes.len() as u64
+        {
+            return Ok(());
+        }
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+        fs::create_dir_all(&dir).map_err(|source| StoreError {
+            action: "create directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let tmp = self.tmp_dir().join(format!(
+            "{}.{}.{}",
+            digest.to_hex(),
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let written = (|| -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError {
+                action: "write",
+                path: tmp,
+                source,
+            });
+        }
+        if let Err(source) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError {
+                action: "rename into place",
+                path: dest,
+                source,
+            });
+        }
+        sync_dir(&dir).map_err(|source| StoreError {
+            action: "fsync directory",
+            path: dir,
+            source,
+        })
+    }
+
+    /// Reads a blob back.
+    pub fn get(&self, digest: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(digest);
+        fs::read(&path).map_err(|source| StoreError {
+            action: "read",
+            path,
+            source,
+        })
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_is_content_addressed_durable_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let d1 = store.put(b"hello").unwrap();
+        let d2 = store.put(b"hello").unwrap();
+        assert_eq!(d1, d2);
+        assert_eq!(
+            d1.to_hex(),
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(store.get(&d1).unwrap(), b"hello");
+        assert!(store.path_of(&d1).ends_with(format!("2c/{}", d1.to_hex())));
+        // Nothing is left behind in tmp/.
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(Sha256Digest::from_hex(&d1.to_hex()), Some(d1));
+    }
+}
