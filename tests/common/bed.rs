@@ -1,0 +1,232 @@
+//! A real test bed for end-to-end runs: the in-test identity platform, a private Dovecot, a
+//! configuration file for the `mailintake` binary, and helpers to look at the outcome.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use async_imap::Authenticator;
+use futures::StreamExt;
+use mailintake::raw_store::RawStore;
+use mailintake::registry::Registry;
+use mailintake_testbed::{Dovecot, IdentityPlatform};
+
+pub const TENANT: &str = "11111111-2222-3333-4444-555555555555";
+
+/// One mailbox as the test wants it configured.
+#[derive(Clone)]
+pub struct MailboxSpec {
+    pub id: &'static str,
+    pub address: &'static str,
+    pub client_id: &'static str,
+    /// The secret written into the credential's secret file (may differ from the IdP's).
+    pub secret: &'static str,
+    pub tls: &'static str,
+    pub after: &'static str,
+}
+
+impl MailboxSpec {
+    pub fn new(
+        id: &'static str,
+        address: &'static str,
+        client_id: &'static str,
+        secret: &'static str,
+    ) -> Self {
+        MailboxSpec {
+            id,
+            address,
+            client_id,
+            secret,
+            tls: "implicit",
+            after: "seen",
+        }
+    }
+}
+
+pub struct Bed {
+    pub idp: IdentityPlatform,
+    pub dovecot: Dovecot,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub extra_config: String,
+}
+
+impl Bed {
+    pub async fn start() -> Bed {
+        let idp = IdentityPlatform::start().await.expect("identity platform");
+        idp.add_tenant(TENANT);
+        let dovecot = Dovecot::start(&idp).await.expect("dovecot");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("mailintake.toml");
+        Bed {
+            idp,
+            dovecot,
+            dir,
+            config,
+            extra_config: String::new(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}/registry.sqlite3", self.data_dir().display())
+    }
+
+    /// Writes the configuration for these mailboxes (one credential per mailbox).
+    pub fn configure(&self, mailboxes: &[MailboxSpec]) {
+        let mut text = format!(
+            "data_dir = \"{}\"\n{}\n[imap]\nconnect_timeout_secs = 5\nio_timeout_secs = 20\n",
+            self.data_dir().display(),
+            self.extra_config
+        );
+        for mb in mailboxes {
+            let secret_file = self.dir.path().join(format!("{}.secret", mb.id));
+            std::fs::write(&secret_file, format!("{}\n", mb.secret)).unwrap();
+            text.push_str(&format!(
+                "\n[credentials.{id}-app]\nkind = \"entra-app-secret\"\nauthority = \"{authority}\"\n\
+                 tenant_id = \"{TENANT}\"\nclient_id = \"{client}\"\nclient_secret_file = \"{secret}\"\n",
+                id = mb.id,
+                authority = self.idp.authority(),
+                client = mb.client_id,
+                secret = secret_file.display(),
+            ));
+        }
+        for mb in mailboxes {
+            let port = if mb.tls == "implicit" {
+                self.dovecot.imaps_port()
+            } else {
+                self.dovecot.imap_port()
+            };
+            text.push_str(&format!(
+                "\n[[mailbox]]\nid = \"{id}\"\naddress = \"{address}\"\nhost = \"{host}\"\nport = {port}\n\
+                 tls = \"{tls}\"\nca_file = \"{ca}\"\nafter = \"{after}\"\ncredential = \"{id}-app\"\n",
+                id = mb.id,
+                address = mb.address,
+                host = self.dovecot.host(),
+                tls = mb.tls,
+                ca = self.dovecot.ca_file().display(),
+                after = mb.after,
+            ));
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// `mailintake run --once`, run as a separate process like an operator would.
+    pub async fn run_once(&self) -> Output {
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
+                .arg("--config")
+                .arg(&config)
+                .args(["run", "--once"])
+                .env("MAILINTAKE_LOG", "debug")
+                .output()
+                .expect("run mailintake")
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn spawn_run_once(&self) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["run", "--once"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn mailintake")
+    }
+
+    pub async fn registry(&self) -> Registry {
+        Registry::open(&self.database_url())
+            .await
+            .expect("registry")
+    }
+
+    pub fn store(&self) -> RawStore {
+        RawStore::open(&self.data_dir()).unwrap()
+    }
+
+    /// Messages as the server serves them now, by UID, fetched with a fresh `BODY.PEEK[]`
+    /// over a connection of the test's own (not mailintake's IMAP code).
+    pub async fn served(&self, user: &str, client_id: &str) -> BTreeMap<u32, Vec<u8>> {
+        let token = self.idp.issue_token(client_id).unwrap();
+        let pem = std::fs::read(self.dovecot.ca_file()).unwrap();
+        let tls = async_native_tls::TlsConnector::new()
+            .add_root_certificate(async_native_tls::Certificate::from_pem(&pem).unwrap());
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.dovecot.imaps_port()))
+            .await
+            .unwrap();
+        let stream = tls.connect(self.dovecot.host(), tcp).await.unwrap();
+        let mut client = async_imap::Client::new(stream);
+        client.read_response().await.unwrap().unwrap();
+        struct X(String);
+        impl Authenticator for X {
+            type Response = Vec<u8>;
+            fn process(&mut self, _: &[u8]) -> Vec<u8> {
+                std::mem::take(&mut self.0).into_bytes()
+            }
+        }
+        let mut session = client
+            .authenticate(
+                "XOAUTH2",
+                X(format!("user={user}\x01auth=Bearer {token}\x01\x01")),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("test login");
+        session.examine("INBOX").await.unwrap();
+        let mut out = BTreeMap::new();
+        {
+            let mut fetches = session.uid_fetch("1:*", "(UID BODY.PEEK[])").await.unwrap();
+            while let Some(f) = fetches.next().await {
+                let f = f.unwrap();
+                if let (Some(uid), Some(body)) = (f.uid, f.body()) {
+                    out.insert(uid, body.to_vec());
+                }
+            }
+        }
+        session.logout().await.ok();
+        out
+    }
+
+    /// UID → is `\Seen` on the server.
+    pub fn seen(&self, user: &str, folder: &str) -> BTreeMap<u32, bool> {
+        self.dovecot
+            .flags(user, folder)
+            .unwrap()
+            .into_iter()
+            .map(|(uid, flags)| (uid, flags.iter().any(|f| f == "\\Seen")))
+            .collect()
+    }
+}
+
+pub fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/submissions");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

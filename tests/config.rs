@@ -1,0 +1,171 @@
+//! Bad configuration is rejected at start with the file, the line, the key and what to do.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mailintake::config::{AfterAction, Config, ConfigError, SecretEnv, TlsMode};
+
+struct FakeEnv(HashMap<&'static str, &'static str>);
+
+impl SecretEnv for FakeEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| v.to_string())
+    }
+    fn credentials_directory(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+fn env() -> FakeEnv {
+    FakeEnv(HashMap::from([("MAILINTAKE_PODATELNA_SECRET", "s3cret")]))
+}
+
+const GOOD: &str = r#"
+data_dir = "data"
+
+[credentials.app]
+kind = "entra-app-secret"
+tenant_id = "t1"
+client_id = "c1"
+client_secret_env = "MAILINTAKE_PODATELNA_SECRET"
+
+[[mailbox]]
+id = "podatelna"
+address = "podatelna@urad.example"
+host = "outlook.office365.com"
+after = "move:Registered"
+credential = "app"
+"#;
+
+fn problems(text: &str) -> Vec<mailintake::config::Problem> {
+    match Config::parse(Path::new("/etc/mailintake/test.toml"), text, &env()) {
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        Err(other) => panic!("expected validation problems, got {other}"),
+        Ok(_) => panic!("expected the configuration to be rejected"),
+    }
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mailintake.example.toml");
+    let config = Config::load_with(&path, &env()).expect("example config must load");
+    let mb = &config.mailboxes[0];
+    assert_eq!(mb.port, 993);
+    assert_eq!(mb.tls, TlsMode::Implicit);
+    assert_eq!(mb.folder, "INBOX");
+    assert_eq!(mb.after, AfterAction::Seen);
+    assert!(config.database_url.starts_with("sqlite://"));
+}
+
+#[test]
+fn defaults_and_relative_paths() {
+    let c = Config::parse(Path::new("/etc/mailintake/test.toml"), GOOD, &env()).unwrap();
+    assert_eq!(c.data_dir, PathBuf::from("/etc/mailintake/data"));
+    assert_eq!(
+        c.database_url,
+        "sqlite:///etc/mailintake/data/registry.sqlite3"
+    );
+    let mb = &c.mailboxes[0];
+    assert_eq!(mb.after, AfterAction::Move("Registered".into()));
+    // Default schedule: every minute at second 0.
+    assert_eq!(mb.schedule.to_string(), "0 * * * * *");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_line() {
+    let text = GOOD.replace("after = ", "afterr = \"seen\"\nafter = ");
+    let err = Config::parse(Path::new("/x/test.toml"), &text, &env()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{msg}");
+    assert!(msg.contains("/x/test.toml"), "{msg}");
+    assert!(msg.contains("afterr"), "{msg}");
+    assert!(msg.contains("line 14"), "{msg}");
+}
+
+#[test]
+fn bad_cron_names_line_key_and_fix() {
+    let text = GOOD.replace("after = ", "schedule = \"every minute\"\nafter = ");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "mailbox[podatelna].schedule");
+    assert_eq!(p[0].line, Some(14));
+    assert!(p[0].fix.contains("seconds first"), "{:?}", p[0]);
+}
+
+#[test]
+fn missing_secret_and_unknown_credential_are_both_reported() {
+    let text = GOOD
+        .replace("MAILINTAKE_PODATELNA_SECRET", "NOT_SET_ANYWHERE")
+        .replace("credential = \"app\"", "credential = \"ap\"");
+    let p = problems(&text);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"credentials.app.client_secret_env"), "{p:?}");
+    assert!(keys.contains(&"mailbox[podatelna].credential"), "{p:?}");
+    let secret = p
+        .iter()
+        .find(|p| p.key == "credentials.app.client_secret_env")
+        .unwrap();
+    assert!(secret.problem.contains("NOT_SET_ANYWHERE"));
+    assert_eq!(secret.line, Some(8));
+}
+
+#[test]
+fn secret_must_not_be_inline() {
+    let text = GOOD.replace("client_secret_env", "client_secret");
+    let err = Config::parse(Path::new("/x.toml"), &text, &env()).unwrap_err();
+    assert!(err.to_string().contains("client_secret"), "{err}");
+}
+
+#[test]
+fn plain_imap_only_to_loopback() {
+    let text = GOOD.replace("after = ", "tls = \"plain\"\nafter = ");
+    let p = problems(&text);
+    assert_eq!(p[0].key, "mailbox[podatelna].tls");
+    let loopback = text.replace("outlook.office365.com", "127.0.0.1");
+    let c = Config::parse(Path::new("/x.toml"), &loopback, &env()).unwrap();
+    assert_eq!(c.mailboxes[0].port, 143);
+}
+
+#[test]
+fn check_config_command_exits_2_with_file_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mailintake.toml");
+    std::fs::write(
+        &path,
+        GOOD.replace("after = \"move:Registered\"", "after = \"delete\""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailintake"))
+        .args(["--config"])
+        .arg(&path)
+        .arg("check-config")
+        .env("MAILINTAKE_PODATELNA_SECRET", "x")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:14", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("mailbox[podatelna].after"), "{stderr}");
+    assert!(stderr.contains("move:<folder>"), "{stderr}");
+
+    std::fs::write(&path, GOOD).unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_mailintake"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .env("MAILINTAKE_PODATELNA_SECRET", "x")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.contains("mailbox podatelna"), "{stdout}");
+    assert!(!stdout.contains('x') || !stdout.contains("secret: x"));
+}

@@ -1,0 +1,110 @@
+//! Every message of the shared real-world corpus goes through `pipeline::ingest_one` without a
+//! panic or a hang; the raw bytes are stored unchanged. Messages that cannot be parsed are
+//! counted (the quarantine of a later issue); everything else is registered.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailintake::pipeline::{IngestError, Pipeline, Source, ingest_one};
+use mailintake::raw_store::{RawStore, Sha256Digest};
+use mailintake::registry::{Origin, Registry};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_corpus_message_goes_through_ingest_one() {
+    let Some(corpus) = common::shared_dir("corpus", "corpus") else {
+        return;
+    };
+    let index = std::fs::read_to_string(corpus.join("INDEX.tsv")).expect("corpus/INDEX.tsv");
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(&format!(
+        "sqlite://{}/registry.sqlite3",
+        dir.path().display()
+    ))
+    .await
+    .unwrap();
+    let store = Arc::new(RawStore::open(dir.path()).unwrap());
+    let pipeline = Pipeline {
+        store: Arc::clone(&store),
+        registry: registry.clone(),
+    };
+
+    let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut mbox_files = 0;
+    for line in index.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let [repo, kind, path, _bytes] = cols[..] else {
+            panic!("bad INDEX.tsv line {line:?}");
+        };
+        let file = corpus.join(repo).join(path);
+        match kind {
+            "message" => inputs.push((format!("{repo}/{path}"), std::fs::read(&file).unwrap())),
+            "mbox" => {
+                mbox_files += 1;
+                let f = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
+                for (i, m) in mail_parser::mailbox::mbox::MessageIterator::new(f).enumerate() {
+                    let m = m
+                        .unwrap_or_else(|e| panic!("{}: mbox split failed: {e:?}", file.display()));
+                    inputs.push((format!("{repo}/{path}#{i}"), m.unwrap_contents()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let messages = index
+        .lines()
+        .filter(|l| l.split('\t').nth(1) == Some("message"))
+        .count();
+    assert_eq!(messages, 444, "the corpus README promises 444 messages");
+
+    let (mut registered, mut unparseable) = (0usize, Vec::new());
+    for (name, raw) in &inputs {
+        let source = Source {
+            origin: Origin::Import {
+                label: "corpus".into(),
+                source_ref: name.clone(),
+            },
+            ack: None,
+        };
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            ingest_one(&pipeline, raw.clone(), &source),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name}: ingest hung for 30 s"));
+        let digest = match outcome {
+            Ok(done) => {
+                registered += 1;
+                done.raw_sha256
+            }
+            Err(IngestError::Parse { error, raw_sha256 }) => {
+                unparseable.push(format!("{name}: {error}"));
+                raw_sha256
+            }
+            Err(other) => panic!("{name}: {other}"),
+        };
+        // The raw bytes are kept unchanged, whatever happened to the parse.
+        assert_eq!(digest, Sha256Digest::of(raw), "{name}");
+        assert_eq!(
+            store.get(&digest).unwrap(),
+            *raw,
+            "{name}: stored raw differs"
+        );
+    }
+    let rows = registry.list(100_000).await.unwrap();
+    assert_eq!(rows.len(), registered);
+    eprintln!(
+        "corpus: {} inputs ({} messages + {} from {} mbox files): {} registered, {} failed to parse",
+        inputs.len(),
+        messages,
+        inputs.len() - messages,
+        mbox_files,
+        registered,
+        unparseable.len()
+    );
+    for u in &unparseable {
+        eprintln!("  unparseable: {u}");
+    }
+    assert_eq!(registered + unparseable.len(), inputs.len());
+}

@@ -1,0 +1,431 @@
+//! End to end on real servers: a private Dovecot checking XOAUTH2 for real against the in-test
+//! Microsoft identity platform, the `mailintake` binary run as an operator would, and the
+//! outcome read back from the registry, the data dir and the server's flags.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::bed::{Bed, MailboxSpec, fixtures, text};
+use mailintake::raw_store::Sha256Digest;
+use serde_json::Value;
+
+const PODATELNA: &str = "podatelna@urad.example";
+const SPISOVNA: &str = "spisovna@urad.example";
+
+fn podatelna() -> MailboxSpec {
+    MailboxSpec::new(
+        "podatelna",
+        PODATELNA,
+        "client-podatelna",
+        "secret-podatelna",
+    )
+}
+
+fn spisovna() -> MailboxSpec {
+    MailboxSpec::new("spisovna", SPISOVNA, "client-spisovna", "secret-spisovna")
+}
+
+async fn bed_with_apps() -> Bed {
+    let bed = Bed::start().await;
+    bed.idp.add_app(
+        common::bed::TENANT,
+        "client-podatelna",
+        "secret-podatelna",
+        &[PODATELNA],
+    );
+    bed.idp.add_app(
+        common::bed::TENANT,
+        "client-spisovna",
+        "secret-spisovna",
+        &[SPISOVNA],
+    );
+    bed
+}
+
+fn expected(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/submissions")
+        .join(format!("{name}.expected.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Every registered row of `mailbox` must match what the server serves for its UID, byte for
+/// byte, and every attachment blob must hash to its recorded sha256.
+async fn assert_registry_matches_server(
+    bed: &Bed,
+    mailbox: &str,
+    user: &str,
+    client: &str,
+) -> BTreeMap<u32, i64> {
+    let registry = bed.registry().await;
+    let store = bed.store();
+    let served = bed.served(user, client).await;
+    let mut by_uid = BTreeMap::new();
+    for row in registry
+        .list(10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.mailbox_id == mailbox)
+    {
+        let uid = row.uid.expect("IMAP records have a UID");
+        assert!(
+            by_uid.insert(uid, row.id).is_none(),
+            "UID {uid} registered twice"
+        );
+        let raw = store
+            .get(&Sha256Digest::from_hex(&row.raw_sha256).unwrap())
+            .unwrap();
+        let on_server = served
+            .get(&uid)
+            .unwrap_or_else(|| panic!("UID {uid} not on the server"));
+        assert_eq!(
+            &raw, on_server,
+            "stored raw of UID {uid} differs from what the server serves"
+        );
+        assert_eq!(row.raw_sha256, Sha256Digest::of(on_server).to_hex());
+        assert_eq!(row.raw_size, raw.len() as u64);
+        for a in registry.attachments(row.id).await.unwrap() {
+            let blob = store
+                .get(&Sha256Digest::from_hex(&a.sha256).unwrap())
+                .unwrap();
+            assert_eq!(Sha256Digest::of(&blob).to_hex(), a.sha256);
+            assert_eq!(blob.len() as u64, a.size);
+        }
+    }
+    registry.close().await;
+    by_uid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_every_fixture_once_then_marks_it_seen_and_catches_up() {
+    let bed = bed_with_apps().await;
+    let mut starttls = spisovna();
+    starttls.tls = "starttls";
+    bed.configure(&[podatelna(), starttls]);
+    let fixtures = fixtures();
+    let mut uid_of = BTreeMap::new();
+    for (name, raw) in &fixtures {
+        uid_of.insert(
+            name.clone(),
+            bed.dovecot.deliver(PODATELNA, "INBOX", raw).unwrap(),
+        );
+    }
+    bed.dovecot
+        .deliver(SPISOVNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+
+    // 1. Every fixture registered exactly once, bytes as served, attachments as the MIME parts.
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert_eq!(registered.len(), fixtures.len(), "{}", text(&out));
+    let registry = bed.registry().await;
+    let rows = registry.list(100).await.unwrap();
+    for (name, uid) in &uid_of {
+        let want = expected(name);
+        let id = registered[uid];
+        let row = rows.iter().find(|r| r.id == id).unwrap();
+        assert_eq!(row.subject.as_deref(), want["subject"].as_str(), "{name}");
+        let leaf: Vec<_> = registry
+            .attachments(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.content_type != "message/rfc822")
+            .collect();
+        let want_att = want["attachments"].as_array().unwrap();
+        assert_eq!(leaf.len(), want_att.len(), "{name}");
+        for (got, want) in leaf.iter().zip(want_att) {
+            // The sha256 computed independently (Python's email package) from the MIME part.
+            assert_eq!(got.sha256, want["sha256"].as_str().unwrap(), "{name}");
+            assert_eq!(got.filename.as_deref(), want["filename"].as_str(), "{name}");
+            assert_eq!(got.size, want["size"].as_u64().unwrap(), "{name}");
+        }
+    }
+    // The STARTTLS mailbox is registered too.
+    assert_eq!(
+        rows.iter().filter(|r| r.mailbox_id == "spisovna").count(),
+        1
+    );
+    // Only after the commit: every message is \Seen on the server.
+    assert!(
+        bed.seen(PODATELNA, "INBOX").values().all(|s| *s),
+        "{:?}",
+        bed.seen(PODATELNA, "INBOX")
+    );
+    assert!(bed.seen(SPISOVNA, "INBOX").values().all(|s| *s));
+
+    // 2. A second run registers nothing new; a message delivered in between is registered.
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        registry.list(100).await.unwrap().len(),
+        rows.len(),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("podatelna: 0 new"),
+        "{}",
+        text(&out)
+    );
+    let new_uid = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert_eq!(registered.len(), fixtures.len() + 1);
+    assert!(registered.contains_key(&new_uid));
+    assert_eq!(bed.seen(PODATELNA, "INBOX").get(&new_uid), Some(&true));
+
+    // `registry list` shows a readable table.
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
+        .arg("--config")
+        .arg(&bed.config)
+        .args(["registry", "list"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{}", text(&list));
+    assert!(table.starts_with("registered at"), "{table}");
+    assert!(table.contains("Žádost o vydání rozhodnutí"), "{table}");
+    assert!(
+        table.contains(&format!("{} message(s)", fixtures.len() + 2)),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_read_elsewhere_before_the_run_is_not_lost() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    let fixtures = fixtures();
+    // Someone read the first submission in Outlook before the first run.
+    let read_early = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    bed.dovecot
+        .add_flags(PODATELNA, "INBOX", read_early, "\\Seen")
+        .unwrap();
+    let unread = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert!(
+        registered.contains_key(&read_early),
+        "a message read before the first run was lost"
+    );
+    assert!(registered.contains_key(&unread));
+
+    // After the high-water mark exists: a new message read before the next run (UID above the
+    // mark) is still taken; an old registered one marked unread again is not registered twice.
+    let read_between = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[2].1)
+        .unwrap();
+    bed.dovecot
+        .add_flags(PODATELNA, "INBOX", read_between, "\\Seen")
+        .unwrap();
+    bed.dovecot
+        .doveadm(
+            &[
+                "flags",
+                "remove",
+                "-u",
+                PODATELNA,
+                "\\Seen",
+                "mailbox",
+                "INBOX",
+                "uid",
+                &unread.to_string(),
+            ],
+            None,
+        )
+        .unwrap();
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert_eq!(registered.len(), 3, "{registered:?}");
+    assert!(
+        registered.contains_key(&read_between),
+        "a message read between runs was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_one_mailbox_cannot_open_another_and_a_wrong_secret_names_aadsts7000215() {
+    let bed = bed_with_apps().await;
+    // spisovna is configured with podatelna's app: the token is valid, but not for this mailbox.
+    let mut wrong_app = spisovna();
+    wrong_app.client_id = "client-podatelna";
+    wrong_app.secret = "secret-podatelna";
+    // And a third mailbox whose configured secret is wrong.
+    let bad_secret = MailboxSpec::new(
+        "archiv",
+        "archiv@urad.example",
+        "client-archiv",
+        "not-the-secret",
+    );
+    bed.idp.add_app(
+        common::bed::TENANT,
+        "client-archiv",
+        "right-secret",
+        &["archiv@urad.example"],
+    );
+    bed.configure(&[podatelna(), wrong_app, bad_secret]);
+    let fixtures = fixtures();
+    for user in [PODATELNA, SPISOVNA, "archiv@urad.example"] {
+        bed.dovecot.deliver(user, "INBOX", &fixtures[0].1).unwrap();
+    }
+    let out = bed.run_once().await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The wrong secret: the AADSTS code and the mailbox are named.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: mailbox archiv"))
+        .unwrap_or_else(|| panic!("no error line for mailbox archiv\n{all}"));
+    assert!(line.contains("AADSTS7000215"), "{line}");
+    assert!(line.contains("invalid_client"), "{line}");
+    // The token for podatelna does not open spisovna: the server refuses the login.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: mailbox spisovna"))
+        .unwrap_or_else(|| panic!("no error line for mailbox spisovna\n{all}"));
+    assert!(
+        line.contains("rejected the login for spisovna@urad.example"),
+        "{line}"
+    );
+    // Nothing of the failing mailboxes registered or marked seen; the healthy one went on.
+    let rows = bed.registry().await.list(100).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].mailbox_id, "podatelna");
+    assert!(bed.seen(SPISOVNA, "INBOX").values().all(|s| !*s));
+    assert!(
+        bed.seen("archiv@urad.example", "INBOX")
+            .values()
+            .all(|s| !*s)
+    );
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
+    // No secret or token reaches the output, even at debug level.
+    assert!(
+        !all.contains("secret-podatelna") && !all.contains("not-the-secret"),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run_catches_up() {
+    let mut bed = bed_with_apps().await;
+    bed.extra_config = String::new();
+    bed.configure(&[podatelna()]);
+    let mut raws = Vec::new();
+    // Enough mail, one message per fetch batch, that the server can be stopped mid-run.
+    for i in 0..40 {
+        let (_, raw) = &fixtures()[i % 6];
+        let mut raw = raw.clone();
+        raw.splice(0..0, format!("X-Test-Sequence: {i}\n").into_bytes());
+        // A distinct 3 MB body so that each message takes a moment to fetch and store.
+        let line = format!("{:076}\n", i);
+        for _ in 0..40_000 {
+            raw.extend_from_slice(line.as_bytes());
+        }
+        raws.push(raw);
+    }
+    for raw in &raws {
+        bed.dovecot.deliver(PODATELNA, "INBOX", raw).unwrap();
+    }
+
+    // Unreachable: clear error, non-zero exit, nothing registered, nothing seen.
+    bed.dovecot.stop().unwrap();
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error: mailbox podatelna: cannot connect to localhost:")),
+        "{}",
+        text(&out)
+    );
+    bed.dovecot.start_again().await.unwrap();
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| !*s));
+    assert!(bed.registry().await.list(10).await.unwrap().is_empty());
+
+    // Stopped in the middle of a run.
+    std::fs::write(
+        &bed.config,
+        std::fs::read_to_string(&bed.config)
+            .unwrap()
+            .replace("[imap]\n", "[imap]\nbatch_max_messages = 1\n"),
+    )
+    .unwrap();
+    let child = bed.spawn_run_once();
+    let registry = bed.registry().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = registry.list(1000).await.unwrap().len();
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run registered nothing in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = std::time::Instant::now();
+    let rows_at_stop = registry.list(1000).await.unwrap().len();
+    bed.dovecot.stop().unwrap();
+    eprintln!(
+        "TIMING stop took {:?}, rows at stop {rows_at_stop}, rows after {}",
+        t0.elapsed(),
+        registry.list(1000).await.unwrap().len()
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let midway = registry.list(1000).await.unwrap().len();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the interrupted run must fail: {}",
+        text(&out)
+    );
+    assert!(
+        midway < raws.len(),
+        "the server was stopped too late to test anything ({midway})"
+    );
+    bed.dovecot.start_again().await.unwrap();
+    // Nothing is \Seen that is not registered.
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    for (uid, seen) in bed.seen(PODATELNA, "INBOX") {
+        assert!(
+            !seen || registered.contains_key(&uid),
+            "UID {uid} is \\Seen but not registered"
+        );
+    }
+
+    // The next run catches up: everything registered exactly once and seen.
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert_eq!(registered.len(), raws.len());
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
+}
