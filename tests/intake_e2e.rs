@@ -429,3 +429,124 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
     assert_eq!(registered.len(), raws.len());
     assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_move_the_registered_mail_is_in_the_target_folder() {
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    mb.after = "move:Registered";
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    for (_, raw) in &fixtures {
+        bed.dovecot.deliver(PODATELNA, "INBOX", raw).unwrap();
+    }
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        bed.registry().await.list(100).await.unwrap().len(),
+        fixtures.len()
+    );
+    assert!(
+        bed.dovecot.uids(PODATELNA, "INBOX").unwrap().is_empty(),
+        "INBOX still holds mail"
+    );
+    assert_eq!(
+        bed.dovecot.uids(PODATELNA, "Registered").unwrap().len(),
+        fixtures.len()
+    );
+    // Nothing left to do, nothing registered twice.
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        bed.registry().await.list(100).await.unwrap().len(),
+        fixtures.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_certificate_is_verified() {
+    let bed = bed_with_apps().await;
+    // No ca_file: the per-run CA is trusted by nobody, so the connection must be refused.
+    let mut mb = podatelna();
+    mb.trust_test_ca = false;
+    bed.configure(&[mb]);
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures()[0].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("TLS with localhost failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("certificate verify failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(bed.registry().await.list(10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_polls_on_its_schedule_reuses_the_token_and_stops_on_sigterm() {
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    mb.schedule = Some("* * * * * *"); // every second
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
+        .arg("--config")
+        .arg(&bed.config)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let registry = bed.registry().await;
+    let wait_for = |n: usize| {
+        let registry = registry.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while registry.list(100).await.unwrap().len() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not registered within 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(1).await;
+    // Mail arriving while the worker runs is picked up on a later tick.
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SIGTERM must end the worker cleanly: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shutting down"),
+        "{}",
+        text(&out)
+    );
+    // Several polls, one token: cached until shortly before expires_in.
+    assert_eq!(bed.idp.token_requests(), 1, "{}", text(&out));
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
+}

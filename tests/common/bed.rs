@@ -23,6 +23,9 @@ pub struct MailboxSpec {
     pub secret: &'static str,
     pub tls: &'static str,
     pub after: &'static str,
+    /// Trust the test CA (`ca_file`); without it the server's certificate must be refused.
+    pub trust_test_ca: bool,
+    pub schedule: Option<&'static str>,
 }
 
 impl MailboxSpec {
@@ -39,6 +42,8 @@ impl MailboxSpec {
             secret,
             tls: "implicit",
             after: "seen",
+            trust_test_ca: true,
+            schedule: None,
         }
     }
 }
@@ -102,14 +107,22 @@ impl Bed {
             };
             text.push_str(&format!(
                 "\n[[mailbox]]\nid = \"{id}\"\naddress = \"{address}\"\nhost = \"{host}\"\nport = {port}\n\
-                 tls = \"{tls}\"\nca_file = \"{ca}\"\nafter = \"{after}\"\ncredential = \"{id}-app\"\n",
+                 tls = \"{tls}\"\nafter = \"{after}\"\ncredential = \"{id}-app\"\n",
                 id = mb.id,
                 address = mb.address,
                 host = self.dovecot.host(),
                 tls = mb.tls,
-                ca = self.dovecot.ca_file().display(),
                 after = mb.after,
             ));
+            if mb.trust_test_ca {
+                text.push_str(&format!(
+                    "ca_file = \"{}\"\n",
+                    self.dovecot.ca_file().display()
+                ));
+            }
+            if let Some(schedule) = mb.schedule {
+                text.push_str(&format!("schedule = \"{schedule}\"\n"));
+            }
         }
         std::fs::write(&self.config, text).unwrap();
     }
