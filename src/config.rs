@@ -31,6 +31,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub imap: ImapTuning,
+    pub numbering: crate::registry::numbers::Numbering,
+    pub limits: crate::pipeline::Limits,
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub mailboxes: Vec<MailboxConfig>,
 }
@@ -134,6 +136,8 @@ pub struct MailboxConfig {
     pub folder: String,
     pub schedule: cron::Schedule,
     pub after: AfterAction,
+    /// What happens on the server to a quarantined message (its raw bytes are safe).
+    pub after_quarantine: AfterAction,
     pub credential: String,
     pub enabled: bool,
 }
@@ -197,6 +201,10 @@ struct RawConfig {
     #[serde(default)]
     imap: RawImap,
     #[serde(default)]
+    registry: RawRegistry,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     credentials: BTreeMap<String, Spanned<RawCredential>>,
     #[serde(default)]
     mailbox: Vec<Spanned<RawMailbox>>,
@@ -209,6 +217,20 @@ struct RawImap {
     io_timeout_secs: Option<u64>,
     batch_max_messages: Option<usize>,
     batch_max_bytes: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    number_prefix: Option<Spanned<String>>,
+    number_format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: Option<u64>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +258,7 @@ struct RawMailbox {
     folder: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     after: Option<Spanned<String>>,
+    after_quarantine: Option<Spanned<String>>,
     credential: Spanned<String>,
     #[serde(default = "yes")]
     enabled: bool,
@@ -388,6 +411,62 @@ impl Validator<'_> {
                 .max(1),
         };
 
+        let numbering = crate::registry::numbers::Numbering {
+            prefix: raw
+                .registry
+                .number_prefix
+                .as_ref()
+                .map(|p| p.get_ref().clone())
+                .unwrap_or_else(|| crate::registry::numbers::DEFAULT_PREFIX.to_owned()),
+            format: raw
+                .registry
+                .number_format
+                .as_ref()
+                .map(|f| f.get_ref().clone())
+                .unwrap_or_else(|| crate::registry::numbers::DEFAULT_FORMAT.to_owned()),
+        };
+        if let Err(e) = numbering.validate() {
+            let at = raw
+                .registry
+                .number_format
+                .as_ref()
+                .map(|f| self.line_of(f))
+                .unwrap_or(None);
+            self.problems.push(Problem {
+                line: at,
+                key: "registry.number_format".into(),
+                problem: e.problem,
+                fix:
+                    "use {prefix}, {year} and {seq} or {seq:06}, e.g. \"{prefix}-{year}-{seq:06}\""
+                        .into(),
+            });
+        }
+        if numbering.prefix.trim().is_empty() {
+            self.problems.push(Problem {
+                line: raw
+                    .registry
+                    .number_prefix
+                    .as_ref()
+                    .and_then(|p| self.line_of(p)),
+                key: "registry.number_prefix".into(),
+                problem: "is empty".into(),
+                fix: "set the registry's prefix, e.g. \"EP\"; it names the number sequence".into(),
+            });
+        }
+        let limit_defaults = crate::pipeline::Limits::default();
+        let limits = crate::pipeline::Limits {
+            max_message_bytes: raw
+                .limits
+                .max_message_bytes
+                .unwrap_or(limit_defaults.max_message_bytes)
+                .max(1),
+            max_attempts: raw
+                .limits
+                .max_attempts
+                .unwrap_or(limit_defaults.max_attempts)
+                .max(1),
+        };
+
         let mut credentials = BTreeMap::new();
         for (name, cred) in &raw.credentials {
             if let Some(c) = self.credential(name, cred, env) {
@@ -424,6 +503,8 @@ impl Validator<'_> {
             data_dir,
             database_url,
             imap,
+            numbering,
+            limits,
             credentials,
             mailboxes,
         }
@@ -731,6 +812,21 @@ impl Validator<'_> {
             );
             ok = false;
         }
+        let after_quarantine = match &m.after_quarantine {
+            None => after.clone(),
+            Some(text) => {
+                let parsed = AfterAction::parse(text.get_ref());
+                if parsed.is_none() {
+                    self.problem(
+                        Some(text),
+                        key("after_quarantine"),
+                        format!("unknown action {:?}", text.get_ref()),
+                        "use \"seen\", \"move:<folder>\" (e.g. \"move:Quarantine\") or \"none\"; default: the same as `after`",
+                    );
+                }
+                parsed
+            }
+        };
         let credential = m.credential.get_ref().clone();
         if !credentials.contains_key(&credential) {
             let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
@@ -755,6 +851,7 @@ impl Validator<'_> {
             folder,
             schedule: schedule?,
             after: after?,
+            after_quarantine: after_quarantine?,
             credential,
             enabled: m.enabled,
         })

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod failpoint;
 pub mod imap;
 pub mod parse;
 pub mod pipeline;

@@ -54,11 +54,33 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RegistryCommand {
-    /// Registered messages, newest first.
+    /// Registered (and quarantined) messages, newest first.
     List {
+        /// Only records with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Blobs no record refers to (left by a crash before a commit): lists them; deletes them
+    /// only with --delete.
+    Gc {
+        /// List only (the default); accepted for clarity in scripts.
+        #[arg(long, conflicts_with = "delete")]
+        dry_run: bool,
+        /// Delete the orphaned blobs older than --min-age-secs.
+        #[arg(long)]
+        delete: bool,
+        /// Younger orphans may belong to a commit in progress and are left alone.
+        #[arg(long, default_value_t = 86_400)]
+        min_age_secs: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusArg {
+    Registered,
+    Quarantined,
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -80,6 +102,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    mailintake::failpoint::init();
     if let Command::CheckConfig = args.command {
         return match cli::check_config::run(&args.config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -111,8 +134,30 @@ fn main() -> ExitCode {
             Command::Run { once: true } => cli::run::once(config).await,
             Command::Run { once: false } => cli::run::forever(config).await.map(|()| true),
             Command::Registry {
-                command: RegistryCommand::List { limit },
-            } => cli::registry::list(&config, limit).await.map(|()| true),
+                command: RegistryCommand::List { status, limit },
+            } => {
+                let status = status.map(|s| match s {
+                    StatusArg::Registered => mailintake::registry::Status::Registered,
+                    StatusArg::Quarantined => mailintake::registry::Status::Quarantined,
+                });
+                cli::registry::list(&config, status, limit)
+                    .await
+                    .map(|()| true)
+            }
+            Command::Registry {
+                command:
+                    RegistryCommand::Gc {
+                        dry_run: _,
+                        delete,
+                        min_age_secs,
+                    },
+            } => cli::registry::gc(
+                &config,
+                delete,
+                std::time::Duration::from_secs(min_age_secs),
+            )
+            .await
+            .map(|()| true),
             Command::CheckConfig => Ok(true),
         }
     });

@@ -1,18 +1,44 @@
 //! `ingest_one`: the one seam every message goes through, from IMAP, an import or a test:
-//! raw bytes → durable raw blob → parse → attachment blobs → registry transaction.
+//! raw bytes → durable raw blob → parse → attachment blobs → one registry transaction.
+//!
+//! A message that cannot be registered is quarantined, with its raw bytes kept: unparseable,
+//! larger than the size limit, or failing (or killing the worker) `max_attempts` times.
 
 use std::sync::Arc;
 
+use crate::failpoint;
 use crate::parse::{self, ParseError, Submission};
 use crate::raw_store::{RawStore, Sha256Digest, StoreError};
-use crate::registry::{NewRecord, Origin, Registered, Registry, RegistryError};
+use crate::registry::{Content, NewRecord, Origin, Outcome, Registry, RegistryError};
 
 /// Where a message comes from and what should happen to it on the server afterwards.
 #[derive(Debug, Clone)]
 pub struct Source {
     pub origin: Origin,
-    /// The acknowledgement to queue with the registration (`seen`, `move:<folder>`), if any.
+    /// The acknowledgement to queue with a registration (`seen`, `move:<folder>`), if any.
     pub ack: Option<String>,
+    /// The acknowledgement to queue with a quarantine record.
+    pub quarantine_ack: Option<String>,
+    /// When the bytes were received from the server (RFC 3339), for the audit trail.
+    pub fetched_at: Option<String>,
+}
+
+/// Limits applied to every message.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Larger messages are quarantined (`too-large`) with their raw bytes kept, not parsed.
+    pub max_message_bytes: u64,
+    /// A message whose processing failed this many times is quarantined (`poison`).
+    pub max_attempts: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 100 * 1024 * 1024,
+            max_attempts: 3,
+        }
+    }
 }
 
 /// The stores a message passes through.
@@ -20,11 +46,12 @@ pub struct Source {
 pub struct Pipeline {
     pub store: Arc<RawStore>,
     pub registry: Registry,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone)]
 pub struct Ingested {
-    pub record: Registered,
+    pub outcome: Outcome,
     pub raw_sha256: Sha256Digest,
     pub attachments: usize,
 }
@@ -34,78 +61,161 @@ pub enum IngestError {
     /// The bytes could not be stored: nothing is committed, nothing may be acknowledged.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The raw bytes are stored (under `raw_sha256`) but are not a message we can register.
-    #[error("cannot parse message (raw kept as sha256 {raw_sha256}): {error}")]
-    Parse {
-        error: ParseError,
-        raw_sha256: Sha256Digest,
-    },
-    /// The blocking task died (a bug in our own code). Nothing was committed.
-    #[error("internal error while processing the message: {0}")]
-    Internal(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// This message could not be processed this time; it stays unacknowledged and is tried
+    /// again (and quarantined after `max_attempts`).
+    #[error("processing failed (attempt {attempt} of {max}): {detail}")]
+    Failed {
+        attempt: u32,
+        max: u32,
+        detail: String,
+    },
 }
 
 impl IngestError {
     /// Errors that concern this one message only; the others stop the run.
     pub fn is_message_specific(&self) -> bool {
-        matches!(self, IngestError::Parse { .. } | IngestError::Internal(_))
+        matches!(self, IngestError::Failed { .. })
     }
 }
 
 enum Prepared {
-    Ready(Sha256Digest, Box<Submission>),
-    Unparseable(Sha256Digest, ParseError),
+    Ready(Box<Submission>),
+    Quarantine(&'static str, String),
 }
 
-/// Stores, parses and registers one message. CPU and disk work run on the blocking pool, so
-/// the async workers keep serving the network.
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_reason(e: &ParseError) -> &'static str {
+    match e {
+        ParseError::Empty => "parse:empty",
+        ParseError::NoHeaders => "parse:no-headers",
+        ParseError::ParserPanicked(_) => "parse:parser-failure",
+    }
+}
+
+/// Stores, parses and registers (or quarantines) one message. CPU and disk work run on the
+/// blocking pool, so the async workers keep serving the network.
 pub async fn ingest_one(
     p: &Pipeline,
     raw: Vec<u8>,
     source: &Source,
 ) -> Result<Ingested, IngestError> {
+    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+    let limits = p.limits;
+    // Count the attempt before doing anything that could kill the worker.
+    let (attempt, last_error) = match source.origin.location() {
+        Some(loc) => p.registry.begin_attempt(loc).await?,
+        None => (1, None),
+    };
+    let poison = (attempt > limits.max_attempts).then(|| {
+        format!(
+            "processing failed {} times; last error: {}",
+            attempt - 1,
+            last_error
+                .as_deref()
+                .unwrap_or("the worker died while processing it")
+        )
+    });
+
     let store = Arc::clone(&p.store);
     let raw_size = raw.len() as u64;
-    let job = tokio::task::spawn_blocking(move || -> Result<Prepared, StoreError> {
+    let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let digest = store.put(&raw)?;
+        let stored_at = now();
+        failpoint::hit("after-raw-write");
+        if let Some(reason) = poison {
+            return Ok((digest, stored_at, Prepared::Quarantine("poison", reason)));
+        }
+        if raw_size > limits.max_message_bytes {
+            let detail = format!(
+                "{raw_size} bytes, above the limit of {} bytes",
+                limits.max_message_bytes
+            );
+            return Ok((digest, stored_at, Prepared::Quarantine("too-large", detail)));
+        }
         match parse::parse(&raw, &digest) {
             Ok(submission) => {
                 for a in &submission.attachments {
                     store.put_with_digest(&a.bytes, a.sha256)?;
                 }
-                Ok(Prepared::Ready(digest, Box::new(submission)))
+                Ok((digest, stored_at, Prepared::Ready(Box::new(submission))))
             }
-            Err(e) => Ok(Prepared::Unparseable(digest, e)),
+            Err(e) => Ok((
+                digest,
+                stored_at,
+                Prepared::Quarantine(parse_reason(&e), e.to_string()),
+            )),
         }
     });
-    let prepared = match job.await {
+    let (digest, stored_at, prepared) = match job.await {
         Ok(result) => result?,
         Err(join) => {
-            tracing::error!(error = %join, "message processing task failed");
-            return Err(IngestError::Internal(join.to_string()));
+            let detail = format!("internal error: {join}");
+            return Err(failed(p, source, attempt, detail).await);
         }
     };
-    let (digest, submission) = match prepared {
-        Prepared::Ready(d, s) => (d, s),
-        Prepared::Unparseable(raw_sha256, error) => {
-            return Err(IngestError::Parse { error, raw_sha256 });
-        }
+    let parsed_at = now();
+    let timeline = [
+        ("fetched", fetched_at),
+        ("stored", stored_at),
+        ("parsed", parsed_at),
+    ];
+    let (content, ack, attachments) = match &prepared {
+        Prepared::Ready(s) => (
+            Content::Registered(s),
+            source.ack.clone(),
+            s.attachments.len(),
+        ),
+        Prepared::Quarantine(code, detail) => (
+            Content::Quarantined {
+                reason_code: code,
+                detail,
+            },
+            source.quarantine_ack.clone(),
+            0,
+        ),
     };
-    let record = p
+    let result = p
         .registry
         .register(NewRecord {
             origin: &source.origin,
             raw_sha256: digest,
             raw_size,
-            submission: &submission,
-            ack: source.ack.clone(),
+            content,
+            ack,
+            timeline: &timeline,
         })
-        .await?;
-    Ok(Ingested {
-        record,
-        raw_sha256: digest,
-        attachments: submission.attachments.len(),
-    })
+        .await;
+    match result {
+        Ok(outcome) => {
+            failpoint::hit("after-commit");
+            Ok(Ingested {
+                outcome,
+                raw_sha256: digest,
+                attachments,
+            })
+        }
+        // The database refused this message's data: count it against the message.
+        Err(e) if e.is_data_error() && source.origin.location().is_some() => {
+            Err(failed(p, source, attempt, e.to_string()).await)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn failed(p: &Pipeline, source: &Source, attempt: u32, detail: String) -> IngestError {
+    if let Some(loc) = source.origin.location()
+        && let Err(e) = p.registry.record_failure(loc, &detail).await
+    {
+        return e.into();
+    }
+    IngestError::Failed {
+        attempt,
+        max: p.limits.max_attempts,
+        detail,
+    }
 }

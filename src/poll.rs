@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AfterAction, Config, MailboxConfig};
 use crate::credentials::{CredentialError, Credentials};
+use crate::failpoint;
 use crate::imap::{Endpoint, ImapError, MailSession};
 use crate::pipeline::{IngestError, Pipeline, Source, ingest_one};
-use crate::registry::{Origin, RegistryError, UidValidityCheck};
+use crate::registry::{Location, Origin, Outcome, RegistryError, UidValidityCheck};
 
 /// Everything a poll needs, shared by all mailbox tasks.
 #[derive(Clone)]
@@ -30,6 +31,10 @@ pub struct PollReport {
     pub uidvalidity: u32,
     pub candidates: usize,
     pub registered: usize,
+    /// Kept raw with a reason (unparseable, too large, poison), acknowledged like the others.
+    pub quarantined: usize,
+    /// Bytes already recorded under another UID/folder/UIDVALIDITY: linked, not registered again.
+    pub linked: usize,
     pub already_registered: usize,
     pub acked: usize,
     /// UIDs the server listed but did not return when fetched (expunged meanwhile).
@@ -182,7 +187,7 @@ async fn poll_session(
     let candidates = session.candidates(high_water).await.map_err(p.imap())?;
     report.candidates = candidates.len();
     let done = registry
-        .registered_uids(&mb.id, &mb.folder, selected.uidvalidity, &candidates)
+        .known_uids(&mb.id, &mb.folder, selected.uidvalidity, &candidates)
         .await
         .map_err(p.reg())?;
     report.already_registered = done.len();
@@ -202,41 +207,60 @@ async fn poll_session(
                 break;
             }
             let fetched = session.fetch_raw(&batch).await.map_err(p.imap())?;
+            let fetched_at =
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            failpoint::hit("after-fetch");
             let got: HashSet<u32> = fetched.iter().map(|f| f.uid).collect();
             for uid in batch.iter().filter(|u| !got.contains(u)) {
                 tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
                 report.vanished.push(*uid);
             }
-            for msg in fetched {
+            let middle = fetched.len() / 2;
+            for (index, msg) in fetched.into_iter().enumerate() {
                 if cancel.is_cancelled() {
                     report.interrupted = true;
                     break;
                 }
                 let uid = msg.uid;
                 let source = Source {
-                    origin: Origin::Imap {
+                    origin: Origin::Imap(Location {
                         mailbox_id: mb.id.clone(),
                         folder: mb.folder.clone(),
                         uidvalidity: selected.uidvalidity,
                         uid,
-                    },
+                    }),
                     ack: ack_action(&mb.after),
+                    quarantine_ack: ack_action(&mb.after_quarantine),
+                    fetched_at: Some(fetched_at.clone()),
                 };
                 match ingest_one(&p.ctx.pipeline, msg.raw, &source).await {
                     Ok(done) => {
                         registered.insert(uid);
-                        if done.record.newly {
-                            report.registered += 1;
-                            tracing::info!(
-                                mailbox = %mb.id,
-                                uid,
-                                record = done.record.id,
-                                raw_sha256 = %done.raw_sha256,
-                                attachments = done.attachments,
-                                "registered"
-                            );
-                        } else {
-                            report.already_registered += 1;
+                        match &done.outcome {
+                            Outcome::Registered { id, number } => {
+                                report.registered += 1;
+                                tracing::info!(
+                                    mailbox = %mb.id,
+                                    uid,
+                                    record = id,
+                                    number = %number,
+                                    raw_sha256 = %done.raw_sha256,
+                                    attachments = done.attachments,
+                                    "registered"
+                                );
+                            }
+                            Outcome::Quarantined { id } => {
+                                report.quarantined += 1;
+                                tracing::warn!(mailbox = %mb.id, uid, record = id, raw_sha256 = %done.raw_sha256, "quarantined");
+                            }
+                            Outcome::Linked { id, status } => {
+                                report.linked += 1;
+                                tracing::info!(mailbox = %mb.id, uid, record = id, status = status.as_str(), "same bytes recorded before: linked");
+                            }
+                            Outcome::AlreadyKnown { .. } => report.already_registered += 1,
+                        }
+                        if index == middle && batch.len() >= 3 {
+                            failpoint::hit("mid-batch");
                         }
                     }
                     Err(e) if e.is_message_specific() => {
@@ -280,6 +304,8 @@ async fn poll_session(
         mailbox = %mb.id,
         candidates = report.candidates,
         registered = report.registered,
+        quarantined = report.quarantined,
+        linked = report.linked,
         already_registered = report.already_registered,
         acked = report.acked,
         failed = report.failed.len(),
@@ -311,32 +337,38 @@ async fn drain_acks(
         return Ok(0);
     }
     let mut stale = Vec::new();
-    let mut by_action: BTreeMap<String, Vec<&crate::registry::PendingAck>> = BTreeMap::new();
-    for ack in &pending {
+    let mut by_action: BTreeMap<String, Vec<crate::registry::PendingAck>> = BTreeMap::new();
+    for ack in pending {
         if ack.uidvalidity == uidvalidity {
             by_action.entry(ack.action.clone()).or_default().push(ack);
         } else {
             // The UIDs were renumbered: this UID now names another message (or none).
             tracing::warn!(mailbox = %p.mb.id, uid = ack.uid, "pending acknowledgement dropped: UIDVALIDITY changed since registration");
-            stale.push(ack.id);
+            stale.push(ack);
         }
     }
-    registry.acks_done(&stale).await.map_err(p.reg())?;
+    let (mailbox, folder) = (&p.mb.id, &p.mb.folder);
+    registry
+        .acks_done(mailbox, folder, &stale, "ack-dropped")
+        .await
+        .map_err(p.reg())?;
     let mut done = 0;
     for (action, acks) in by_action {
         let uids: Vec<u32> = acks.iter().map(|a| a.uid).collect();
         match AfterAction::parse(&action) {
             Some(AfterAction::Seen) => session.mark_seen(&uids).await.map_err(p.imap())?,
-            Some(AfterAction::Move(folder)) => {
-                session.ensure_folder(&folder).await.map_err(p.imap())?;
-                session.move_to(&uids, &folder).await.map_err(p.imap())?;
+            Some(AfterAction::Move(target)) => {
+                session.ensure_folder(&target).await.map_err(p.imap())?;
+                session.move_to(&uids, &target).await.map_err(p.imap())?;
             }
             Some(AfterAction::None) | None => {
                 tracing::warn!(mailbox = %p.mb.id, action = %action, "unknown pending acknowledgement dropped");
             }
         }
-        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        registry.acks_done(&ids).await.map_err(p.reg())?;
+        registry
+            .acks_done(mailbox, folder, &acks, "acked")
+            .await
+            .map_err(p.reg())?;
         done += uids.len();
     }
     Ok(done)

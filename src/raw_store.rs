@@ -51,6 +51,15 @@ pub struct StoreError {
     pub source: io::Error,
 }
 
+/// One stored blob.
+#[derive(Debug, Clone)]
+pub struct BlobInfo {
+    pub digest: Sha256Digest,
+    pub path: PathBuf,
+    pub size: u64,
+    pub age: std::time::Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct RawStore {
     root: PathBuf,
@@ -139,6 +148,50 @@ impl RawStore {
             path: dir,
             source,
         })
+    }
+
+    /// Every blob in the store with its size and age, for garbage collection.
+    pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
+        let mut out = Vec::new();
+        let root = self.blobs_dir();
+        let read = |dir: &Path| {
+            fs::read_dir(dir).map_err(|source| StoreError {
+                action: "list",
+                path: dir.to_owned(),
+                source,
+            })
+        };
+        for fan in read(&root)? {
+            let fan = fan.map_err(|source| StoreError {
+                action: "list",
+                path: root.clone(),
+                source,
+            })?;
+            if !fan.path().is_dir() {
+                continue;
+            }
+            for entry in read(&fan.path())? {
+                let Ok(entry) = entry else { continue };
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(digest) = Sha256Digest::from_hex(&name) else {
+                    continue;
+                };
+                let Ok(meta) = entry.metadata() else { continue };
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .unwrap_or_default();
+                out.push(BlobInfo {
+                    digest,
+                    path: entry.path(),
+                    size: meta.len(),
+                    age,
+                });
+            }
+        }
+        out.sort_by_key(|b| b.digest);
+        Ok(out)
     }
 
     /// Reads a blob back.

@@ -7,9 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailintake::pipeline::{IngestError, Pipeline, Source, ingest_one};
+use mailintake::pipeline::{Limits, Pipeline, Source, ingest_one};
 use mailintake::raw_store::{RawStore, Sha256Digest};
-use mailintake::registry::{Origin, Registry};
+use mailintake::registry::{Origin, Outcome, Registry, Status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_message_goes_through_ingest_one() {
@@ -28,6 +28,7 @@ async fn every_corpus_message_goes_through_ingest_one() {
     let pipeline = Pipeline {
         store: Arc::clone(&store),
         registry: registry.clone(),
+        limits: Limits::default(),
     };
 
     let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
@@ -58,7 +59,7 @@ async fn every_corpus_message_goes_through_ingest_one() {
         .count();
     assert_eq!(messages, 444, "the corpus README promises 444 messages");
 
-    let (mut registered, mut unparseable) = (0usize, Vec::new());
+    let (mut registered, mut linked, mut quarantined) = (0usize, 0usize, Vec::new());
     for (name, raw) in &inputs {
         let source = Source {
             origin: Origin::Import {
@@ -66,6 +67,8 @@ async fn every_corpus_message_goes_through_ingest_one() {
                 source_ref: name.clone(),
             },
             ack: None,
+            quarantine_ack: None,
+            fetched_at: None,
         };
         let outcome = tokio::time::timeout(
             Duration::from_secs(30),
@@ -73,17 +76,14 @@ async fn every_corpus_message_goes_through_ingest_one() {
         )
         .await
         .unwrap_or_else(|_| panic!("{name}: ingest hung for 30 s"));
-        let digest = match outcome {
-            Ok(done) => {
-                registered += 1;
-                done.raw_sha256
-            }
-            Err(IngestError::Parse { error, raw_sha256 }) => {
-                unparseable.push(format!("{name}: {error}"));
-                raw_sha256
-            }
-            Err(other) => panic!("{name}: {other}"),
-        };
+        let done = outcome.unwrap_or_else(|e| panic!("{name}: {e}"));
+        match done.outcome {
+            Outcome::Registered { .. } => registered += 1,
+            Outcome::Quarantined { id } => quarantined.push((name.clone(), id)),
+            Outcome::Linked { .. } => linked += 1,
+            Outcome::AlreadyKnown { .. } => panic!("{name}: an import has no location to know"),
+        }
+        let digest = done.raw_sha256;
         // The raw bytes are kept unchanged, whatever happened to the parse.
         assert_eq!(digest, Sha256Digest::of(raw), "{name}");
         assert_eq!(
@@ -92,19 +92,28 @@ async fn every_corpus_message_goes_through_ingest_one() {
             "{name}: stored raw differs"
         );
     }
-    let rows = registry.list(100_000).await.unwrap();
-    assert_eq!(rows.len(), registered);
+    let rows = registry.list(None, 100_000).await.unwrap();
+    assert_eq!(rows.len(), registered + quarantined.len());
     eprintln!(
-        "corpus: {} inputs ({} messages + {} from {} mbox files): {} registered, {} failed to parse",
+        "corpus: {} inputs ({} messages + {} from {} mbox files): {} registered, {} quarantined, {} linked (same bytes twice)",
         inputs.len(),
         messages,
         inputs.len() - messages,
         mbox_files,
         registered,
-        unparseable.len()
+        quarantined.len(),
+        linked
     );
-    for u in &unparseable {
-        eprintln!("  unparseable: {u}");
+    // Every quarantined message has a reason, and its raw bytes are in the store.
+    for (name, id) in &quarantined {
+        let row = rows.iter().find(|r| r.id == *id).unwrap();
+        assert_eq!(row.status, Status::Quarantined);
+        let reason = row.reason_code.as_deref().unwrap_or_default();
+        assert!(!reason.is_empty(), "{name}: quarantined without a reason");
+        eprintln!(
+            "  quarantined: {name}: {reason}: {}",
+            row.reason_detail.as_deref().unwrap_or_default()
+        );
     }
-    assert_eq!(registered + unparseable.len(), inputs.len());
+    assert_eq!(registered + quarantined.len() + linked, inputs.len());
 }

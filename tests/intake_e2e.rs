@@ -51,8 +51,9 @@ fn expected(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Every registered row of `mailbox` must match what the server serves for its UID, byte for
-/// byte, and every attachment blob must hash to its recorded sha256.
+/// Every UID recorded for `mailbox` must be recorded once, and its record's stored raw must be
+/// what the server serves for that UID, byte for byte; every attachment blob must hash to its
+/// recorded sha256. Returns UID → record id.
 async fn assert_registry_matches_server(
     bed: &Bed,
     mailbox: &str,
@@ -62,19 +63,18 @@ async fn assert_registry_matches_server(
     let registry = bed.registry().await;
     let store = bed.store();
     let served = bed.served(user, client).await;
+    let rows = registry.list(None, 100_000).await.unwrap();
     let mut by_uid = BTreeMap::new();
-    for row in registry
-        .list(10_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.mailbox_id == mailbox)
-    {
-        let uid = row.uid.expect("IMAP records have a UID");
-        assert!(
-            by_uid.insert(uid, row.id).is_none(),
-            "UID {uid} registered twice"
-        );
+    let current_validity = bed.dovecot.uidvalidity(user, "INBOX").unwrap();
+    for (folder, uidvalidity, uid, id) in registry.locations(mailbox).await.unwrap() {
+        if folder != "INBOX" || uidvalidity != current_validity {
+            continue;
+        }
+        assert!(by_uid.insert(uid, id).is_none(), "UID {uid} recorded twice");
+        let row = rows
+            .iter()
+            .find(|r| r.id == id)
+            .expect("location points at a record");
         let raw = store
             .get(&Sha256Digest::from_hex(&row.raw_sha256).unwrap())
             .unwrap();
@@ -124,7 +124,18 @@ async fn registers_every_fixture_once_then_marks_it_seen_and_catches_up() {
         assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
     assert_eq!(registered.len(), fixtures.len(), "{}", text(&out));
     let registry = bed.registry().await;
-    let rows = registry.list(100).await.unwrap();
+    let rows = registry.list(None, 100).await.unwrap();
+    // Each registration got the next number of this year's sequence: no gaps, no duplicates.
+    let mut numbers: Vec<String> = rows
+        .iter()
+        .map(|r| r.registry_number.clone().unwrap())
+        .collect();
+    numbers.sort();
+    let year = chrono::Local::now().format("%Y").to_string();
+    let want: Vec<String> = (1..=rows.len())
+        .map(|n| format!("REG-{year}-{n:06}"))
+        .collect();
+    assert_eq!(numbers, want);
     for (name, uid) in &uid_of {
         let want = expected(name);
         let id = registered[uid];
@@ -163,7 +174,7 @@ async fn registers_every_fixture_once_then_marks_it_seen_and_catches_up() {
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        registry.list(100).await.unwrap().len(),
+        registry.list(None, 100).await.unwrap().len(),
         rows.len(),
         "{}",
         text(&out)
@@ -173,10 +184,9 @@ async fn registers_every_fixture_once_then_marks_it_seen_and_catches_up() {
         "{}",
         text(&out)
     );
-    let new_uid = bed
-        .dovecot
-        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
-        .unwrap();
+    let mut fresh = b"X-Delivered-In-Between: yes\n".to_vec();
+    fresh.extend_from_slice(&fixtures[1].1);
+    let new_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &fresh).unwrap();
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     let registered =
@@ -194,7 +204,8 @@ async fn registers_every_fixture_once_then_marks_it_seen_and_catches_up() {
         .unwrap();
     let table = String::from_utf8_lossy(&list.stdout);
     assert!(list.status.success(), "{}", text(&list));
-    assert!(table.starts_with("registered at"), "{table}");
+    assert!(table.starts_with("number"), "{table}");
+    assert!(table.contains("REG-"), "{table}");
     assert!(table.contains("Žádost o vydání rozhodnutí"), "{table}");
     assert!(
         table.contains(&format!("{} message(s)", fixtures.len() + 2)),
@@ -311,7 +322,7 @@ async fn a_token_for_one_mailbox_cannot_open_another_and_a_wrong_secret_names_aa
         "{line}"
     );
     // Nothing of the failing mailboxes registered or marked seen; the healthy one went on.
-    let rows = bed.registry().await.list(100).await.unwrap();
+    let rows = bed.registry().await.list(None, 100).await.unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].mailbox_id, "podatelna");
     assert!(bed.seen(SPISOVNA, "INBOX").values().all(|s| !*s));
@@ -364,7 +375,14 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
     );
     bed.dovecot.start_again().await.unwrap();
     assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| !*s));
-    assert!(bed.registry().await.list(10).await.unwrap().is_empty());
+    assert!(
+        bed.registry()
+            .await
+            .list(None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Stopped in the middle of a run.
     std::fs::write(
@@ -378,7 +396,7 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
     let registry = bed.registry().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let n = registry.list(1000).await.unwrap().len();
+        let n = registry.list(None, 1000).await.unwrap().len();
         if n >= 2 {
             break;
         }
@@ -389,17 +407,17 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t0 = std::time::Instant::now();
-    let rows_at_stop = registry.list(1000).await.unwrap().len();
+    let rows_at_stop = registry.list(None, 1000).await.unwrap().len();
     bed.dovecot.stop().unwrap();
     eprintln!(
         "TIMING stop took {:?}, rows at stop {rows_at_stop}, rows after {}",
         t0.elapsed(),
-        registry.list(1000).await.unwrap().len()
+        registry.list(None, 1000).await.unwrap().len()
     );
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
-    let midway = registry.list(1000).await.unwrap().len();
+    let midway = registry.list(None, 1000).await.unwrap().len();
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -443,7 +461,7 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        bed.registry().await.list(100).await.unwrap().len(),
+        bed.registry().await.list(None, 100).await.unwrap().len(),
         fixtures.len()
     );
     assert!(
@@ -458,7 +476,7 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        bed.registry().await.list(100).await.unwrap().len(),
+        bed.registry().await.list(None, 100).await.unwrap().len(),
         fixtures.len()
     );
 }
@@ -486,7 +504,14 @@ async fn the_server_certificate_is_verified() {
         "{}",
         text(&out)
     );
-    assert!(bed.registry().await.list(10).await.unwrap().is_empty());
+    assert!(
+        bed.registry()
+            .await
+            .list(None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +537,7 @@ async fn run_polls_on_its_schedule_reuses_the_token_and_stops_on_sigterm() {
         let registry = registry.clone();
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while registry.list(100).await.unwrap().len() < n {
+            while registry.list(None, 100).await.unwrap().len() < n {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "not registered within 20 s"

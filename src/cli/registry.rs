@@ -1,21 +1,64 @@
-//! `mailintake registry list`: what has been registered, as a readable table.
+//! `mailintake registry list | gc`: what has been registered or quarantined, and orphaned blobs.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::registry::Registry;
+use crate::raw_store::RawStore;
+use crate::registry::{Registry, Status};
 
-pub async fn list(config: &Config, limit: i64) -> anyhow::Result<()> {
+pub async fn list(config: &Config, status: Option<Status>, limit: i64) -> anyhow::Result<()> {
     let registry = Registry::open(&config.database_url).await?;
-    let rows = registry.list(limit).await?;
+    let rows = registry.list(status, limit).await?;
     registry.close().await;
-    let headers = ["registered at", "mailbox", "from", "subject", "attachments"];
-    let table: Vec<[String; 5]> = rows
+    if status == Some(Status::Quarantined) {
+        let headers = [
+            "id",
+            "quarantined at",
+            "mailbox",
+            "reason",
+            "detail",
+            "raw sha256",
+            "bytes",
+        ];
+        let table: Vec<[String; 7]> = rows
+            .iter()
+            .map(|r| {
+                [
+                    r.id.to_string(),
+                    short_time(&r.registered_at),
+                    r.mailbox_id.clone(),
+                    r.reason_code.clone().unwrap_or_default(),
+                    r.reason_detail.clone().unwrap_or_default(),
+                    r.raw_sha256.get(..16).unwrap_or(&r.raw_sha256).to_owned(),
+                    r.raw_size.to_string(),
+                ]
+            })
+            .collect();
+        print!("{}", render_table(&headers, &table));
+        println!("{} quarantined message(s)", rows.len());
+        return Ok(());
+    }
+    let headers = [
+        "number",
+        "registered at",
+        "mailbox",
+        "from",
+        "subject",
+        "attachments",
+    ];
+    let table: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
             [
-                r.registered_at
-                    .get(..19)
-                    .unwrap_or(&r.registered_at)
-                    .replace('T', " "),
+                r.registry_number.clone().unwrap_or_else(|| {
+                    format!(
+                        "(quarantined: {})",
+                        r.reason_code.clone().unwrap_or_default()
+                    )
+                }),
+                short_time(&r.registered_at),
                 r.mailbox_id.clone(),
                 r.from.clone().unwrap_or_default(),
                 r.subject.clone().unwrap_or_default(),
@@ -25,6 +68,54 @@ pub async fn list(config: &Config, limit: i64) -> anyhow::Result<()> {
         .collect();
     print!("{}", render_table(&headers, &table));
     println!("{} message(s)", rows.len());
+    Ok(())
+}
+
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.get(..19).unwrap_or(rfc3339).replace('T', " ")
+}
+
+/// Lists (and with `delete`, removes) blobs no record refers to: left by a crash between the
+/// durable write and the commit. Harmless, but they take space. Blobs younger than `min_age`
+/// are never touched: a worker may be about to commit them.
+pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Result<()> {
+    let store = RawStore::open(&config.data_dir)
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let registry = Registry::open(&config.database_url).await?;
+    let referenced = registry.referenced_blobs().await?;
+    registry.close().await;
+    let (mut count, mut bytes, mut young) = (0usize, 0u64, 0usize);
+    for blob in store.list()? {
+        if referenced.contains(&blob.digest.to_hex()) {
+            continue;
+        }
+        if blob.age < min_age {
+            young += 1;
+            continue;
+        }
+        count += 1;
+        bytes += blob.size;
+        if delete {
+            std::fs::remove_file(&blob.path)
+                .with_context(|| format!("cannot delete {}", blob.path.display()))?;
+            println!("deleted  {}  {} bytes", blob.path.display(), blob.size);
+        } else {
+            println!("orphan   {}  {} bytes", blob.path.display(), blob.size);
+        }
+    }
+    println!(
+        "{count} orphaned blob(s), {bytes} bytes{}{}",
+        if delete {
+            " deleted"
+        } else {
+            " (dry run: nothing deleted)"
+        },
+        if young > 0 {
+            format!("; {young} younger than {}s left alone", min_age.as_secs())
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 

@@ -16,14 +16,18 @@ use crate::scheduler;
 pub async fn context(config: Config) -> anyhow::Result<Context> {
     let store = RawStore::open(&config.data_dir)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
-    let registry = Registry::open(&config.database_url).await?;
+    let registry = Registry::open(&config.database_url)
+        .await?
+        .with_numbering(config.numbering.clone());
     let credentials = Credentials::from_config(&config)?;
+    let limits = config.limits;
     Ok(Context {
         config: Arc::new(config),
         credentials,
         pipeline: Pipeline {
             store: Arc::new(store),
             registry,
+            limits,
         },
     })
 }

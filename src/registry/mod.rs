@@ -5,12 +5,16 @@
 //! performs the acknowledgement afterwards and then deletes the row. The registry knows nothing
 //! of IMAP beyond the UIDs it is handed.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Executor};
+
+mod acks;
+pub mod numbers;
+mod records;
+mod sync;
 
 use crate::parse::{Address, Submission};
 use crate::raw_store::Sha256Digest;
@@ -38,6 +42,8 @@ pub enum RegistryError {
         action: &'static str,
         source: sqlx::Error,
     },
+    #[error("registry number: {0}")]
+    Numbering(String),
     #[error("unsupported database URL {0} (use sqlite:… or postgres://…)")]
     UnsupportedUrl(String),
 }
@@ -45,6 +51,18 @@ pub enum RegistryError {
 impl RegistryError {
     fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> RegistryError {
         move |source| RegistryError::Db { action, source }
+    }
+
+    /// True when the database refused this statement's data (a constraint, an encoding):
+    /// a problem of the message at hand rather than of the database.
+    pub fn is_data_error(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Db {
+                source: sqlx::Error::Database(_),
+                ..
+            }
+        )
     }
 
     /// True when the database itself is unreachable or overloaded, not when a statement is wrong.
@@ -67,32 +85,110 @@ impl RegistryError {
 /// Where a message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    Imap {
-        mailbox_id: String,
-        folder: String,
-        uidvalidity: u32,
-        uid: u32,
+    Imap(Location),
+    /// Bytes handed in directly (`import`, tests, the corpus run); `label` plays the mailbox.
+    Import {
+        label: String,
+        source_ref: String,
     },
-    /// Bytes handed in directly (`import`, tests, the corpus run).
-    Import { label: String, source_ref: String },
 }
 
-/// Everything one registration writes.
+/// One message's place on an IMAP server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub mailbox_id: String,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+}
+
+impl Origin {
+    /// The mailbox (or import label) the record belongs to.
+    pub fn owner(&self) -> &str {
+        match self {
+            Origin::Imap(loc) => &loc.mailbox_id,
+            Origin::Import { label, .. } => label,
+        }
+    }
+
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Origin::Imap(loc) => Some(loc),
+            Origin::Import { .. } => None,
+        }
+    }
+}
+
+/// What is written for a message.
+#[derive(Debug, Clone, Copy)]
+pub enum Content<'a> {
+    Registered(&'a Submission),
+    /// Kept raw only, with a stable reason code (`parse:no-headers`, `too-large`, `poison` …).
+    Quarantined {
+        reason_code: &'a str,
+        detail: &'a str,
+    },
+}
+
+/// Everything one registration writes, in one transaction.
 #[derive(Debug)]
 pub struct NewRecord<'a> {
     pub origin: &'a Origin,
     pub raw_sha256: Sha256Digest,
     pub raw_size: u64,
-    pub submission: &'a Submission,
+    pub content: Content<'a>,
     /// The acknowledgement to perform on the server once committed (`seen`, `move:<folder>`).
     pub ack: Option<String>,
+    /// Steps that happened before the commit, for the audit trail: (event kind, RFC 3339 time).
+    pub timeline: &'a [(&'static str, String)],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Registered {
-    pub id: i64,
-    /// False when this origin was registered before (nothing was written).
-    pub newly: bool,
+pub enum Status {
+    Registered,
+    Quarantined,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Registered => "registered",
+            Status::Quarantined => "quarantined",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        if s == "quarantined" {
+            Status::Quarantined
+        } else {
+            Status::Registered
+        }
+    }
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new record with its registry number.
+    Registered { id: i64, number: String },
+    /// A new quarantine record.
+    Quarantined { id: i64 },
+    /// The same bytes were already recorded for this mailbox (from another UID, folder,
+    /// UIDVALIDITY or import): this location is linked to that record, nothing else written.
+    Linked { id: i64, status: Status },
+    /// This very location was recorded before: nothing written.
+    AlreadyKnown { id: i64 },
+}
+
+impl Outcome {
+    pub fn id(&self) -> i64 {
+        match self {
+            Outcome::Registered { id, .. }
+            | Outcome::Quarantined { id }
+            | Outcome::Linked { id, .. }
+            | Outcome::AlreadyKnown { id } => *id,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +202,7 @@ pub enum UidValidityCheck {
     /// First time this folder is seen.
     First,
     Unchanged,
-    /// The server renumbered the folder: the high-water mark was reset.
+    /// The server renumbered the folder: the high-water mark was reset and an event recorded.
     Changed {
         previous: u32,
     },
@@ -115,23 +211,25 @@ pub enum UidValidityCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingAck {
     pub id: i64,
+    pub message_id: i64,
     pub uidvalidity: u32,
     pub uid: u32,
     pub action: String,
 }
 
-/// A registered message as listed by `registry list`.
+/// A record as listed by `registry list`.
 #[derive(Debug, Clone)]
 pub struct RecordSummary {
     pub id: i64,
+    pub status: Status,
+    pub registry_number: Option<String>,
+    pub reason_code: Option<String>,
+    pub reason_detail: Option<String>,
     pub registered_at: String,
     pub mailbox_id: String,
-    pub folder: String,
-    pub uidvalidity: Option<u32>,
-    pub uid: Option<u32>,
     pub from: Option<String>,
     pub subject: Option<String>,
-    pub rfc822_message_id: String,
+    pub rfc822_message_id: Option<String>,
     pub raw_sha256: String,
     pub raw_size: u64,
     pub attachment_count: i64,
@@ -147,10 +245,25 @@ pub struct AttachmentRow {
     pub sha256: String,
 }
 
+/// One audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: i64,
+    pub at: String,
+    pub kind: String,
+    pub mailbox_id: Option<String>,
+    pub folder: Option<String>,
+    pub uidvalidity: Option<u32>,
+    pub uid: Option<u32>,
+    pub message_id: Option<i64>,
+    pub detail: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
+    numbering: std::sync::Arc<numbers::Numbering>,
 }
 
 fn now() -> String {
@@ -177,8 +290,27 @@ pub fn redact_url(url: &str) -> String {
 }
 
 fn addresses_json(list: &[Address]) -> String {
-    serde_json::to_string(&list.iter().map(|a| a.to_string()).collect::<Vec<_>>())
-        .unwrap_or_else(|_| "[]".to_owned())
+    serde_json::to_string(
+        &list
+            .iter()
+            .map(|a| clean(&a.to_string()))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Text as the databases accept it: PostgreSQL rejects NUL in TEXT, so NUL is dropped (for
+/// both backends, so they store the same thing). The raw bytes keep everything.
+fn clean(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "")
+    } else {
+        s.to_owned()
+    }
+}
+
+fn clean_opt(s: Option<&str>) -> Option<String> {
+    s.map(clean)
 }
 
 impl Registry {
@@ -253,7 +385,11 @@ impl Registry {
                 url: redact_url(url),
                 source,
             })?;
-        Ok(Registry { pool, backend })
+        Ok(Registry {
+            pool,
+            backend,
+            numbering: std::sync::Arc::new(numbers::Numbering::default()),
+        })
     }
 
     /// A transaction that will write. On SQLite it takes the write lock up front
@@ -267,383 +403,18 @@ impl Registry {
         begin.map_err(RegistryError::db("begin transaction"))
     }
 
+    /// Sets how registry numbers are made (prefix and format).
+    pub fn with_numbering(mut self, numbering: numbers::Numbering) -> Registry {
+        self.numbering = std::sync::Arc::new(numbering);
+        self
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-
-    pub async fn mailbox_state(
-        &self,
-        mailbox_id: &str,
-        folder: &str,
-    ) -> Result<Option<MailboxState>, RegistryError> {
-        let row = sqlx::query(
-            "SELECT uidvalidity, high_water_uid FROM mailboxes WHERE mailbox_id = $1 AND folder = $2",
-        )
-        .bind(mailbox_id)
-        .bind(folder)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(RegistryError::db("read mailbox state"))?;
-        Ok(row.map(|r| MailboxState {
-            uidvalidity: r.get::<Option<i64>, _>(0).map(|v| v as u32),
-            high_water_uid: r.get::<i64, _>(1) as u32,
-        }))
-    }
-
-    /// Records the folder's current UIDVALIDITY. On a change the high-water mark is reset, so
-    /// the folder is scanned again from its first UID.
-    pub async fn check_uidvalidity(
-        &self,
-        mailbox_id: &str,
-        folder: &str,
-        address: &str,
-        uidvalidity: u32,
-    ) -> Result<UidValidityCheck, RegistryError> {
-        let mut tx = self.begin_write().await?;
-        let row =
-            sqlx::query("SELECT uidvalidity FROM mailboxes WHERE mailbox_id = $1 AND folder = $2")
-                .bind(mailbox_id)
-                .bind(folder)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(RegistryError::db("read mailbox state"))?;
-        let previous: Option<Option<i64>> = row.map(|r| r.get(0));
-        let outcome = match previous {
-            None => {
-                sqlx::query(
-                    "INSERT INTO mailboxes (mailbox_id, folder, address, uidvalidity, high_water_uid, last_poll_at) \
-                     VALUES ($1, $2, $3, $4, 0, $5)",
-                )
-                .bind(mailbox_id)
-                .bind(folder)
-                .bind(address)
-                .bind(i64::from(uidvalidity))
-                .bind(now())
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("insert mailbox state"))?;
-                UidValidityCheck::First
-            }
-            Some(Some(old)) if old == i64::from(uidvalidity) => {
-                sqlx::query(
-                    "UPDATE mailboxes SET last_poll_at = $1, address = $2 WHERE mailbox_id = $3 AND folder = $4",
-                )
-                .bind(now())
-                .bind(address)
-                .bind(mailbox_id)
-                .bind(folder)
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("update mailbox state"))?;
-                UidValidityCheck::Unchanged
-            }
-            Some(old) => {
-                sqlx::query(
-                    "UPDATE mailboxes SET uidvalidity = $1, high_water_uid = 0, last_poll_at = $2, address = $3 \
-                     WHERE mailbox_id = $4 AND folder = $5",
-                )
-                .bind(i64::from(uidvalidity))
-                .bind(now())
-                .bind(address)
-                .bind(mailbox_id)
-                .bind(folder)
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("reset mailbox state"))?;
-                match old {
-                    Some(previous) => UidValidityCheck::Changed {
-                        previous: previous as u32,
-                    },
-                    None => UidValidityCheck::First,
-                }
-            }
-        };
-        tx.commit()
-            .await
-            .map_err(RegistryError::db("commit mailbox state"))?;
-        Ok(outcome)
-    }
-
-    /// Raises the high-water mark (never lowers it), if UIDVALIDITY is still the one given.
-    pub async fn advance_high_water(
-        &self,
-        mailbox_id: &str,
-        folder: &str,
-        uidvalidity: u32,
-        uid: u32,
-    ) -> Result<(), RegistryError> {
-        sqlx::query(
-            "UPDATE mailboxes SET high_water_uid = $1 \
-             WHERE mailbox_id = $2 AND folder = $3 AND uidvalidity = $4 AND high_water_uid < $1",
-        )
-        .bind(i64::from(uid))
-        .bind(mailbox_id)
-        .bind(folder)
-        .bind(i64::from(uidvalidity))
-        .execute(&self.pool)
-        .await
-        .map_err(RegistryError::db("advance high-water mark"))?;
-        Ok(())
-    }
-
-    /// Which of `uids` are registered already (for this folder and UIDVALIDITY).
-    pub async fn registered_uids(
-        &self,
-        mailbox_id: &str,
-        folder: &str,
-        uidvalidity: u32,
-        uids: &[u32],
-    ) -> Result<HashSet<u32>, RegistryError> {
-        let (Some(lo), Some(hi)) = (uids.iter().min(), uids.iter().max()) else {
-            return Ok(HashSet::new());
-        };
-        let rows = sqlx::query(
-            "SELECT uid FROM messages WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 \
-             AND uid >= $4 AND uid <= $5",
-        )
-        .bind(mailbox_id)
-        .bind(folder)
-        .bind(i64::from(uidvalidity))
-        .bind(i64::from(*lo))
-        .bind(i64::from(*hi))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(RegistryError::db("look up registered UIDs"))?;
-        let wanted: HashSet<u32> = uids.iter().copied().collect();
-        Ok(rows
-            .iter()
-            .map(|r| r.get::<i64, _>(0) as u32)
-            .filter(|u| wanted.contains(u))
-            .collect())
-    }
-
-    /// Registers one message with its attachments and its pending acknowledgement, in one
-    /// transaction. Registering the same IMAP origin again writes nothing.
-    pub async fn register(&self, rec: NewRecord<'_>) -> Result<Registered, RegistryError> {
-        let s = rec.submission;
-        let (mailbox_id, folder, uidvalidity, uid, source, source_ref) = match rec.origin {
-            Origin::Imap {
-                mailbox_id,
-                folder,
-                uidvalidity,
-                uid,
-            } => (
-                mailbox_id.as_str(),
-                folder.as_str(),
-                Some(i64::from(*uidvalidity)),
-                Some(i64::from(*uid)),
-                "imap",
-                None,
-            ),
-            Origin::Import { label, source_ref } => (
-                label.as_str(),
-                "",
-                None,
-                None,
-                "import",
-                Some(source_ref.as_str()),
-            ),
-        };
-        let mut tx = self.begin_write().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO messages (mailbox_id, folder, uidvalidity, uid, source, source_ref, raw_sha256, raw_size, \
-             rfc822_message_id, message_id_derived, from_name, from_address, to_addresses, cc_addresses, \
-             date_header, subject, text_body, html_body, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
-             ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING \
-             RETURNING id",
-        )
-        .bind(mailbox_id)
-        .bind(folder)
-        .bind(uidvalidity)
-        .bind(uid)
-        .bind(source)
-        .bind(source_ref)
-        .bind(rec.raw_sha256.to_hex())
-        .bind(rec.raw_size as i64)
-        .bind(s.message_id.as_str())
-        .bind(i64::from(s.message_id_derived))
-        .bind(s.from.as_ref().and_then(|a| a.name.clone()))
-        .bind(s.from.as_ref().map(|a| a.address.clone()))
-        .bind(addresses_json(&s.to))
-        .bind(addresses_json(&s.cc))
-        .bind(s.date.clone())
-        .bind(s.subject.clone())
-        .bind(s.text_body.clone())
-        .bind(s.html_body.clone())
-        .bind(now())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(RegistryError::db("insert message"))?;
-        let Some(row) = inserted else {
-            // Registered before: find it, write nothing.
-            let existing = sqlx::query(
-                "SELECT id FROM messages WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4",
-            )
-            .bind(mailbox_id)
-            .bind(folder)
-            .bind(uidvalidity)
-            .bind(uid)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(RegistryError::db("find existing message"))?;
-            tx.rollback()
-                .await
-                .map_err(RegistryError::db("end transaction"))?;
-            return Ok(Registered {
-                id: existing.get(0),
-                newly: false,
-            });
-        };
-        let id: i64 = row.get(0);
-        for a in &s.attachments {
-            sqlx::query(
-                "INSERT INTO attachments (message_id, ordinal, parent_ordinal, filename, content_type, size, sha256) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(id)
-            .bind(i64::from(a.ordinal))
-            .bind(a.parent.map(i64::from))
-            .bind(a.filename.clone())
-            .bind(a.content_type.as_str())
-            .bind(a.size() as i64)
-            .bind(a.sha256.to_hex())
-            .execute(&mut *tx)
-            .await
-            .map_err(RegistryError::db("insert attachment"))?;
-        }
-        if let (Some(action), Some(uidvalidity), Some(uid)) = (&rec.ack, uidvalidity, uid) {
-            sqlx::query(
-                "INSERT INTO pending_acks (mailbox_id, folder, uidvalidity, uid, action, message_id, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING",
-            )
-            .bind(mailbox_id)
-            .bind(folder)
-            .bind(uidvalidity)
-            .bind(uid)
-            .bind(action.as_str())
-            .bind(id)
-            .bind(now())
-            .execute(&mut *tx)
-            .await
-            .map_err(RegistryError::db("insert pending ack"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(RegistryError::db("commit registration"))?;
-        Ok(Registered { id, newly: true })
-    }
-
-    /// Acknowledgements not yet confirmed by the server, oldest first.
-    pub async fn pending_acks(
-        &self,
-        mailbox_id: &str,
-        folder: &str,
-    ) -> Result<Vec<PendingAck>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT id, uidvalidity, uid, action FROM pending_acks \
-             WHERE mailbox_id = $1 AND folder = $2 ORDER BY id",
-        )
-        .bind(mailbox_id)
-        .bind(folder)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(RegistryError::db("read pending acks"))?;
-        Ok(rows
-            .iter()
-            .map(|r| PendingAck {
-                id: r.get(0),
-                uidvalidity: r.get::<i64, _>(1) as u32,
-                uid: r.get::<i64, _>(2) as u32,
-                action: r.get(3),
-            })
-            .collect())
-    }
-
-    /// Deletes acknowledgements the server confirmed (or that can no longer apply).
-    pub async fn acks_done(&self, ids: &[i64]) -> Result<(), RegistryError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM pending_acks WHERE id = $1")
-                .bind(*id)
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("delete pending ack"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(RegistryError::db("commit acks"))?;
-        Ok(())
-    }
-
-    /// Registered messages, newest first.
-    pub async fn list(&self, limit: i64) -> Result<Vec<RecordSummary>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT m.id, m.registered_at, m.mailbox_id, m.folder, m.uidvalidity, m.uid, \
-             m.from_name, m.from_address, m.subject, m.rfc822_message_id, m.raw_sha256, m.raw_size, \
-             (SELECT COUNT(*) FROM attachments a WHERE a.message_id = m.id) \
-             FROM messages m ORDER BY m.id DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(RegistryError::db("list messages"))?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let name: Option<String> = r.get(6);
-                let addr: Option<String> = r.get(7);
-                RecordSummary {
-                    id: r.get(0),
-                    registered_at: r.get(1),
-                    mailbox_id: r.get(2),
-                    folder: r.get(3),
-                    uidvalidity: r.get::<Option<i64>, _>(4).map(|v| v as u32),
-                    uid: r.get::<Option<i64>, _>(5).map(|v| v as u32),
-                    from: match (name, addr) {
-                        (Some(n), Some(a)) => Some(format!("{n} <{a}>")),
-                        (None, Some(a)) => Some(a),
-                        (Some(n), None) => Some(n),
-                        (None, None) => None,
-                    },
-                    subject: r.get(8),
-                    rfc822_message_id: r.get(9),
-                    raw_sha256: r.get(10),
-                    raw_size: r.get::<i64, _>(11) as u64,
-                    attachment_count: r.get(12),
-                }
-            })
-            .collect())
-    }
-
-    pub async fn attachments(&self, message_id: i64) -> Result<Vec<AttachmentRow>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT ordinal, parent_ordinal, filename, content_type, size, sha256 \
-             FROM attachments WHERE message_id = $1 ORDER BY ordinal",
-        )
-        .bind(message_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(RegistryError::db("read attachments"))?;
-        Ok(rows
-            .iter()
-            .map(|r| AttachmentRow {
-                ordinal: r.get::<i64, _>(0) as u32,
-                parent_ordinal: r.get::<Option<i64>, _>(1).map(|v| v as u32),
-                filename: r.get(2),
-                content_type: r.get(3),
-                size: r.get::<i64, _>(4) as u64,
-                sha256: r.get(5),
-            })
-            .collect())
     }
 }
 

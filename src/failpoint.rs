@@ -1,0 +1,48 @@
+//! Crash injection for the crash-point tests: `MAILINTAKE_FAILPOINT=<point>[:<n>]` makes the
+//! process kill itself with SIGKILL the n-th time (default: first) it passes `<point>`.
+//!
+//! Points: `after-fetch` (a batch fetched, nothing stored), `after-raw-write` (raw blob durable,
+//! not committed), `after-commit` (registration committed, not acknowledged), `mid-batch` (the
+//! middle message of a batch committed, the rest of the batch not).
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const ENV: &str = "MAILINTAKE_FAILPOINT";
+
+static SPEC: OnceLock<Option<(String, u32)>> = OnceLock::new();
+static HITS: AtomicU32 = AtomicU32::new(0);
+
+fn spec() -> &'static Option<(String, u32)> {
+    SPEC.get_or_init(|| {
+        let raw = std::env::var(ENV).ok()?;
+        let (name, nth) = match raw.split_once(':') {
+            Some((name, n)) => (name.to_owned(), n.parse().unwrap_or(1)),
+            None => (raw.clone(), 1),
+        };
+        tracing::warn!(point = %name, nth, "{ENV} is set: this process will kill itself there");
+        Some((name, nth.max(1)))
+    })
+}
+
+/// Announces the failpoint configuration at start (a no-op when unset).
+pub fn init() {
+    let _ = spec();
+}
+
+/// Passes the named point: kills the process with SIGKILL if it is the armed one.
+pub fn hit(point: &str) {
+    let Some((name, nth)) = spec() else {
+        return;
+    };
+    if name != point {
+        return;
+    }
+    if HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+        eprintln!("failpoint {point}: SIGKILL");
+        // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Records: registration (with number, attachments, location, pending ack and audit events in
+//! one transaction), quarantine, linking of known bytes, and reading them back.
+
+use std::collections::HashSet;
+
+use chrono::Datelike;
+use sqlx::Row;
+
+use super::{
+    AttachmentRow, Content, Event, NewRecord, Origin, Outcome, RecordSummary, Registry,
+    RegistryError, Status, addresses_json, clean, clean_opt, now, numbers,
+};
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+pub(super) struct Loc<'a> {
+    pub(super) owner: &'a str,
+    pub(super) folder: &'a str,
+    pub(super) uidvalidity: Option<i64>,
+    pub(super) uid: Option<i64>,
+    pub(super) source: &'static str,
+    pub(super) source_ref: Option<&'a str>,
+}
+
+fn loc_of(origin: &Origin) -> Loc<'_> {
+    match origin {
+        Origin::Imap(l) => Loc {
+            owner: &l.mailbox_id,
+            folder: &l.folder,
+            uidvalidity: Some(i64::from(l.uidvalidity)),
+            uid: Some(i64::from(l.uid)),
+            source: "imap",
+            source_ref: None,
+        },
+        Origin::Import { label, source_ref } => Loc {
+            owner: label,
+            folder: "",
+            uidvalidity: None,
+            uid: None,
+            source: "import",
+            source_ref: Some(source_ref),
+        },
+    }
+}
+
+pub(super) async fn insert_event(
+    tx: &mut Tx,
+    kind: &str,
+    at: &str,
+    loc: &Loc<'_>,
+    message_id: Option<i64>,
+    detail: Option<&str>,
+) -> Result<(), RegistryError> {
+    sqlx::query(
+        "INSERT INTO events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(at)
+    .bind(kind)
+    .bind(loc.owner)
+    .bind(loc.folder)
+    .bind(loc.uidvalidity)
+    .bind(loc.uid)
+    .bind(message_id)
+    .bind(detail.map(clean))
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::db("append event"))?;
+    Ok(())
+}
+
+impl Registry {
+    /// Registers or quarantines one message, or links it to the record of the same bytes, in one
+    /// transaction with its attachments, location, pending acknowledgement and audit events.
+    /// A location recorded before writes nothing.
+    pub async fn register(&self, rec: NewRecord<'_>) -> Result<Outcome, RegistryError> {
+        let loc = loc_of(rec.origin);
+        let mut tx = self.begin_write().await?;
+
+        // This location, recorded before (a retry after a crash between commit and ack)?
+        if loc.uid.is_some() {
+            let known = sqlx::query(
+                "SELECT message_id FROM message_locations \
+                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4",
+            )
+            .bind(loc.owner)
+            .bind(loc.folder)
+            .bind(loc.uidvalidity)
+            .bind(loc.uid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(RegistryError::db("look up location"))?;
+            if let Some(row) = known {
+                tx.rollback()
+                    .await
+                    .map_err(RegistryError::db("end transaction"))?;
+                return Ok(Outcome::AlreadyKnown { id: row.get(0) });
+            }
+        }
+
+        let at = now();
+        let inserted = self.insert_message(&mut tx, &rec, &loc, &at).await?;
+        let (id, outcome) = match inserted {
+            Some((id, number)) => {
+                if let Content::Registered(s) = rec.content {
+                    for a in &s.attachments {
+                        sqlx::query(
+                            "INSERT INTO attachments (message_id, ordinal, parent_ordinal, filename, content_type, size, sha256) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        )
+                        .bind(id)
+                        .bind(i64::from(a.ordinal))
+                        .bind(a.parent.map(i64::from))
+                        .bind(clean_opt(a.filename.as_deref()))
+                        .bind(clean(&a.content_type))
+                        .bind(a.size() as i64)
+                        .bind(a.sha256.to_hex())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(RegistryError::db("insert attachment"))?;
+                    }
+                }
+                for (kind, when) in rec.timeline {
+                    insert_event(&mut tx, kind, when, &loc, Some(id), None).await?;
+                }
+                let outcome = match number {
+                    Some(number) => {
+                        insert_event(&mut tx, "registered", &at, &loc, Some(id), Some(&number))
+                            .await?;
+                        Outcome::Registered { id, number }
+                    }
+                    None => {
+                        let reason = match rec.content {
+                            Content::Quarantined {
+                                reason_code,
+                                detail,
+                            } => format!("{reason_code}: {detail}"),
+                            Content::Registered(_) => String::new(),
+                        };
+                        insert_event(&mut tx, "quarantined", &at, &loc, Some(id), Some(&reason))
+                            .await?;
+                        Outcome::Quarantined { id }
+                    }
+                };
+                (id, outcome)
+            }
+            None => {
+                // The same bytes are already recorded for this owner: link this location.
+                let row = sqlx::query(
+                    "SELECT id, status, registry_number FROM messages WHERE mailbox_id = $1 AND raw_sha256 = $2",
+                )
+                .bind(loc.owner)
+                .bind(rec.raw_sha256.to_hex())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(RegistryError::db("find record of the same bytes"))?;
+                let id: i64 = row.get(0);
+                let existing = Status::parse(&row.get::<String, _>(1));
+                let number: Option<String> = row.get(2);
+                let detail = format!(
+                    "same bytes as record {id}{}",
+                    number.map(|n| format!(" ({n})")).unwrap_or_default()
+                );
+                insert_event(&mut tx, "linked", &at, &loc, Some(id), Some(&detail)).await?;
+                (
+                    id,
+                    Outcome::Linked {
+                        id,
+                        status: existing,
+                    },
+                )
+            }
+        };
+
+        let location = sqlx::query(
+            "INSERT INTO message_locations (message_id, mailbox_id, folder, uidvalidity, uid, source, source_ref, seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING RETURNING id",
+        )
+        .bind(id)
+        .bind(loc.owner)
+        .bind(loc.folder)
+        .bind(loc.uidvalidity)
+        .bind(loc.uid)
+        .bind(loc.source)
+        .bind(loc.source_ref.map(clean))
+        .bind(&at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(RegistryError::db("insert location"))?;
+        if location.is_none() {
+            // Another worker recorded this location meanwhile: undo everything (numbers too).
+            tx.rollback()
+                .await
+                .map_err(RegistryError::db("end transaction"))?;
+            return Ok(Outcome::AlreadyKnown { id });
+        }
+        if let (Some(action), Some(uidvalidity), Some(uid)) = (&rec.ack, loc.uidvalidity, loc.uid) {
+            sqlx::query(
+                "INSERT INTO pending_acks (mailbox_id, folder, uidvalidity, uid, action, message_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING",
+            )
+            .bind(loc.owner)
+            .bind(loc.folder)
+            .bind(uidvalidity)
+            .bind(uid)
+            .bind(action.as_str())
+            .bind(id)
+            .bind(&at)
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::db("insert pending ack"))?;
+        }
+        if let (Some(uidvalidity), Some(uid)) = (loc.uidvalidity, loc.uid) {
+            sqlx::query(
+                "DELETE FROM processing_attempts WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4",
+            )
+            .bind(loc.owner)
+            .bind(loc.folder)
+            .bind(uidvalidity)
+            .bind(uid)
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::db("clear processing attempts"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit registration"))?;
+        Ok(outcome)
+    }
+
+    /// Inserts the message row unless the same bytes are recorded for this owner already.
+    /// Returns the new id and, for a registration, its number.
+    async fn insert_message(
+        &self,
+        tx: &mut Tx,
+        rec: &NewRecord<'_>,
+        loc: &Loc<'_>,
+        at: &str,
+    ) -> Result<Option<(i64, Option<String>)>, RegistryError> {
+        let (status, reason_code, reason_detail, s) = match rec.content {
+            Content::Registered(s) => (Status::Registered, None, None, Some(s)),
+            Content::Quarantined {
+                reason_code,
+                detail,
+            } => (Status::Quarantined, Some(reason_code), Some(detail), None),
+        };
+        let known =
+            sqlx::query("SELECT id FROM messages WHERE mailbox_id = $1 AND raw_sha256 = $2")
+                .bind(loc.owner)
+                .bind(rec.raw_sha256.to_hex())
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(RegistryError::db("look up the same bytes"))?;
+        if known.is_some() {
+            return Ok(None);
+        }
+        // A registration takes its number inside the transaction: a rollback gives it back, so
+        // the sequence has no gaps.
+        let number = match status {
+            Status::Registered => {
+                let year = chrono::Local::now().year();
+                let seq = numbers::allocate(tx, &self.numbering.prefix, year).await?;
+                let text = self
+                    .numbering
+                    .render(year, seq)
+                    .map_err(|e| RegistryError::Numbering(e.to_string()))?;
+                Some((year, seq, text))
+            }
+            Status::Quarantined => None,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO messages (mailbox_id, status, registry_number, registry_year, registry_seq, reason_code, \
+             reason_detail, raw_sha256, raw_size, rfc822_message_id, message_id_derived, from_name, from_address, \
+             to_addresses, cc_addresses, date_header, subject, text_body, html_body, registered_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+             ON CONFLICT (mailbox_id, raw_sha256) DO NOTHING RETURNING id",
+        )
+        .bind(loc.owner)
+        .bind(status.as_str())
+        .bind(number.as_ref().map(|n| n.2.clone()))
+        .bind(number.as_ref().map(|n| i64::from(n.0)))
+        .bind(number.as_ref().map(|n| n.1))
+        .bind(reason_code)
+        .bind(reason_detail.map(clean))
+        .bind(rec.raw_sha256.to_hex())
+        .bind(rec.raw_size as i64)
+        .bind(s.map(|s| clean(&s.message_id)))
+        .bind(s.map_or(0, |s| i64::from(s.message_id_derived)))
+        .bind(s.and_then(|s| clean_opt(s.from.as_ref().and_then(|a| a.name.as_deref()))))
+        .bind(s.and_then(|s| clean_opt(s.from.as_ref().map(|a| a.address.as_str()))))
+        .bind(s.map_or_else(|| "[]".to_owned(), |s| addresses_json(&s.to)))
+        .bind(s.map_or_else(|| "[]".to_owned(), |s| addresses_json(&s.cc)))
+        .bind(s.and_then(|s| s.date.clone()))
+        .bind(s.and_then(|s| clean_opt(s.subject.as_deref())))
+        .bind(s.and_then(|s| clean_opt(s.text_body.as_deref())))
+        .bind(s.and_then(|s| clean_opt(s.html_body.as_deref())))
+        .bind(at)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(RegistryError::db("insert message"))?;
+        match inserted {
+            Some(row) => Ok(Some((row.get(0), number.map(|n| n.2)))),
+            None => {
+                if number.is_some() {
+                    // Another writer recorded the same bytes meanwhile (PostgreSQL waited for
+                    // its commit): give the number back; we still hold the sequence row.
+                    sqlx::query(
+                        "UPDATE registry_sequences SET last_value = last_value - 1 WHERE registry = $1 AND year = $2",
+                    )
+                    .bind(&self.numbering.prefix)
+                    .bind(number.as_ref().map(|n| i64::from(n.0)))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(RegistryError::db("return registry number"))?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Records, newest first; `status` filters.
+    pub async fn list(
+        &self,
+        status: Option<Status>,
+        limit: i64,
+    ) -> Result<Vec<RecordSummary>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.status, m.registry_number, m.reason_code, m.reason_detail, m.registered_at, \
+             m.mailbox_id, m.from_name, m.from_address, m.subject, m.rfc822_message_id, m.raw_sha256, m.raw_size, \
+             (SELECT COUNT(*) FROM attachments a WHERE a.message_id = m.id) \
+             FROM messages m WHERE ($1 = '' OR m.status = $1) ORDER BY m.id DESC LIMIT $2",
+        )
+        .bind(status.map_or("", Status::as_str))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("list messages"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let name: Option<String> = r.get(7);
+                let addr: Option<String> = r.get(8);
+                RecordSummary {
+                    id: r.get(0),
+                    status: Status::parse(&r.get::<String, _>(1)),
+                    registry_number: r.get(2),
+                    reason_code: r.get(3),
+                    reason_detail: r.get(4),
+                    registered_at: r.get(5),
+                    mailbox_id: r.get(6),
+                    from: match (name, addr) {
+                        (Some(n), Some(a)) => Some(format!("{n} <{a}>")),
+                        (None, Some(a)) => Some(a),
+                        (Some(n), None) => Some(n),
+                        (None, None) => None,
+                    },
+                    subject: r.get(9),
+                    rfc822_message_id: r.get(10),
+                    raw_sha256: r.get(11),
+                    raw_size: r.get::<i64, _>(12) as u64,
+                    attachment_count: r.get(13),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn attachments(&self, message_id: i64) -> Result<Vec<AttachmentRow>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT ordinal, parent_ordinal, filename, content_type, size, sha256 \
+             FROM attachments WHERE message_id = $1 ORDER BY ordinal",
+        )
+        .bind(message_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("read attachments"))?;
+        Ok(rows
+            .iter()
+            .map(|r| AttachmentRow {
+                ordinal: r.get::<i64, _>(0) as u32,
+                parent_ordinal: r.get::<Option<i64>, _>(1).map(|v| v as u32),
+                filename: r.get(2),
+                content_type: r.get(3),
+                size: r.get::<i64, _>(4) as u64,
+                sha256: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Every (folder, UIDVALIDITY, UID) recorded for a mailbox, with its record id.
+    pub async fn locations(
+        &self,
+        mailbox_id: &str,
+    ) -> Result<Vec<(String, u32, u32, i64)>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT folder, uidvalidity, uid, message_id FROM message_locations \
+             WHERE mailbox_id = $1 AND uid IS NOT NULL ORDER BY id",
+        )
+        .bind(mailbox_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("read locations"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<i64, _>(1) as u32,
+                    r.get::<i64, _>(2) as u32,
+                    r.get(3),
+                )
+            })
+            .collect())
+    }
+
+    /// The audit trail, oldest first; `message_id` filters.
+    pub async fn events(&self, message_id: Option<i64>) -> Result<Vec<Event>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail FROM events \
+             WHERE ($1 < 0 OR message_id = $1) ORDER BY id",
+        )
+        .bind(message_id.unwrap_or(-1))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("read events"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Event {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                mailbox_id: r.get(3),
+                folder: r.get(4),
+                uidvalidity: r.get::<Option<i64>, _>(5).map(|v| v as u32),
+                uid: r.get::<Option<i64>, _>(6).map(|v| v as u32),
+                message_id: r.get(7),
+                detail: r.get(8),
+            })
+            .collect())
+    }
+
+    /// Every blob digest a record refers to (raw messages and attachments), for `registry gc`.
+    pub async fn referenced_blobs(&self) -> Result<HashSet<String>, RegistryError> {
+        let rows =
+            sqlx::query("SELECT raw_sha256 FROM messages UNION SELECT sha256 FROM attachments")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(RegistryError::db("read referenced blobs"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}

@@ -1,0 +1,224 @@
+//! Sync state per polled folder (UIDVALIDITY, high-water mark), which UIDs are known, and the
+//! processing attempts that detect poison messages.
+
+use std::collections::HashSet;
+
+use sqlx::Row;
+
+use super::records::insert_event;
+use super::{Location, MailboxState, Registry, RegistryError, UidValidityCheck, clean, now};
+
+impl Registry {
+    pub async fn mailbox_state(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+    ) -> Result<Option<MailboxState>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT uidvalidity, high_water_uid FROM mailboxes WHERE mailbox_id = $1 AND folder = $2",
+        )
+        .bind(mailbox_id)
+        .bind(folder)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(RegistryError::db("read mailbox state"))?;
+        Ok(row.map(|r| MailboxState {
+            uidvalidity: r.get::<Option<i64>, _>(0).map(|v| v as u32),
+            high_water_uid: r.get::<i64, _>(1) as u32,
+        }))
+    }
+
+    /// Records the folder's current UIDVALIDITY. On a change the high-water mark is reset (the
+    /// folder is scanned again; bytes already recorded are linked, not registered again), and a
+    /// `uidvalidity-changed` event is written.
+    pub async fn check_uidvalidity(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        address: &str,
+        uidvalidity: u32,
+    ) -> Result<UidValidityCheck, RegistryError> {
+        let mut tx = self.begin_write().await?;
+        let row =
+            sqlx::query("SELECT uidvalidity FROM mailboxes WHERE mailbox_id = $1 AND folder = $2")
+                .bind(mailbox_id)
+                .bind(folder)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(RegistryError::db("read mailbox state"))?;
+        let previous: Option<Option<i64>> = row.map(|r| r.get(0));
+        let at = now();
+        let outcome = match previous {
+            None => {
+                sqlx::query(
+                    "INSERT INTO mailboxes (mailbox_id, folder, address, uidvalidity, high_water_uid, last_poll_at) \
+                     VALUES ($1, $2, $3, $4, 0, $5)",
+                )
+                .bind(mailbox_id)
+                .bind(folder)
+                .bind(address)
+                .bind(i64::from(uidvalidity))
+                .bind(&at)
+                .execute(&mut *tx)
+                .await
+                .map_err(RegistryError::db("insert mailbox state"))?;
+                UidValidityCheck::First
+            }
+            Some(Some(old)) if old == i64::from(uidvalidity) => {
+                sqlx::query(
+                    "UPDATE mailboxes SET last_poll_at = $1, address = $2 WHERE mailbox_id = $3 AND folder = $4",
+                )
+                .bind(&at)
+                .bind(address)
+                .bind(mailbox_id)
+                .bind(folder)
+                .execute(&mut *tx)
+                .await
+                .map_err(RegistryError::db("update mailbox state"))?;
+                UidValidityCheck::Unchanged
+            }
+            Some(old) => {
+                sqlx::query(
+                    "UPDATE mailboxes SET uidvalidity = $1, high_water_uid = 0, last_poll_at = $2, address = $3 \
+                     WHERE mailbox_id = $4 AND folder = $5",
+                )
+                .bind(i64::from(uidvalidity))
+                .bind(&at)
+                .bind(address)
+                .bind(mailbox_id)
+                .bind(folder)
+                .execute(&mut *tx)
+                .await
+                .map_err(RegistryError::db("reset mailbox state"))?;
+                match old {
+                    Some(previous) => {
+                        let loc = super::records::Loc {
+                            owner: mailbox_id,
+                            folder,
+                            uidvalidity: Some(i64::from(uidvalidity)),
+                            uid: None,
+                            source: "imap",
+                            source_ref: None,
+                        };
+                        let detail = format!(
+                            "UIDVALIDITY {previous} -> {uidvalidity}: folder scanned again"
+                        );
+                        insert_event(
+                            &mut tx,
+                            "uidvalidity-changed",
+                            &at,
+                            &loc,
+                            None,
+                            Some(&detail),
+                        )
+                        .await?;
+                        UidValidityCheck::Changed {
+                            previous: previous as u32,
+                        }
+                    }
+                    None => UidValidityCheck::First,
+                }
+            }
+        };
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit mailbox state"))?;
+        Ok(outcome)
+    }
+
+    /// Raises the high-water mark (never lowers it), if UIDVALIDITY is still the one given.
+    pub async fn advance_high_water(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uid: u32,
+    ) -> Result<(), RegistryError> {
+        sqlx::query(
+            "UPDATE mailboxes SET high_water_uid = $1 \
+             WHERE mailbox_id = $2 AND folder = $3 AND uidvalidity = $4 AND high_water_uid < $1",
+        )
+        .bind(i64::from(uid))
+        .bind(mailbox_id)
+        .bind(folder)
+        .bind(i64::from(uidvalidity))
+        .execute(&self.pool)
+        .await
+        .map_err(RegistryError::db("advance high-water mark"))?;
+        Ok(())
+    }
+
+    /// Which of `uids` are recorded already (registered, quarantined or linked).
+    pub async fn known_uids(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<HashSet<u32>, RegistryError> {
+        let (Some(lo), Some(hi)) = (uids.iter().min(), uids.iter().max()) else {
+            return Ok(HashSet::new());
+        };
+        let rows = sqlx::query(
+            "SELECT uid FROM message_locations WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 \
+             AND uid >= $4 AND uid <= $5",
+        )
+        .bind(mailbox_id)
+        .bind(folder)
+        .bind(i64::from(uidvalidity))
+        .bind(i64::from(*lo))
+        .bind(i64::from(*hi))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("look up known UIDs"))?;
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<i64, _>(0) as u32)
+            .filter(|u| wanted.contains(u))
+            .collect())
+    }
+
+    /// Counts one more processing attempt of a message, before it is processed, and returns
+    /// the count with the last recorded error. Cleared by its registration; a count that keeps
+    /// growing means the message keeps failing or keeps killing the worker (poison).
+    pub async fn begin_attempt(
+        &self,
+        loc: &Location,
+    ) -> Result<(u32, Option<String>), RegistryError> {
+        let row = sqlx::query(
+            "INSERT INTO processing_attempts (mailbox_id, folder, uidvalidity, uid, attempts, updated_at) \
+             VALUES ($1, $2, $3, $4, 1, $5) \
+             ON CONFLICT (mailbox_id, folder, uidvalidity, uid) \
+             DO UPDATE SET attempts = processing_attempts.attempts + 1, updated_at = $5 \
+             RETURNING attempts, last_error",
+        )
+        .bind(&loc.mailbox_id)
+        .bind(&loc.folder)
+        .bind(i64::from(loc.uidvalidity))
+        .bind(i64::from(loc.uid))
+        .bind(now())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(RegistryError::db("count processing attempt"))?;
+        Ok((row.get::<i64, _>(0) as u32, row.get(1)))
+    }
+
+    /// Remembers why processing failed (shown in the quarantine reason if it keeps failing).
+    pub async fn record_failure(&self, loc: &Location, error: &str) -> Result<(), RegistryError> {
+        sqlx::query(
+            "UPDATE processing_attempts SET last_error = $1, updated_at = $2 \
+             WHERE mailbox_id = $3 AND folder = $4 AND uidvalidity = $5 AND uid = $6",
+        )
+        .bind(clean(error))
+        .bind(now())
+        .bind(&loc.mailbox_id)
+        .bind(&loc.folder)
+        .bind(i64::from(loc.uidvalidity))
+        .bind(i64::from(loc.uid))
+        .execute(&self.pool)
+        .await
+        .map_err(RegistryError::db("record processing failure"))?;
+        Ok(())
+    }
+}
