@@ -152,7 +152,12 @@ pub async fn ingest_one(
         }
     });
     let (digest, stored_at, prepared) = match job.await {
-        Ok(result) => result?,
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(store_error)) => {
+            // Not the message's fault: the next run retries it without holding it against it.
+            forget_attempt(p, source).await;
+            return Err(store_error.into());
+        }
         Err(join) => {
             let detail = format!("internal error: {join}");
             return Err(failed(p, source, attempt, detail).await);
@@ -203,7 +208,18 @@ pub async fn ingest_one(
         Err(e) if e.is_data_error() && source.origin.location().is_some() => {
             Err(failed(p, source, attempt, e.to_string()).await)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            forget_attempt(p, source).await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn forget_attempt(p: &Pipeline, source: &Source) {
+    if let Some(loc) = source.origin.location()
+        && let Err(e) = p.registry.forget_attempt(loc).await
+    {
+        tracing::warn!(error = %e, uid = loc.uid, "could not take back a processing attempt");
     }
 }
 

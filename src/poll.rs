@@ -268,6 +268,11 @@ async fn poll_session(
                         report.failed.push((uid, e.to_string()));
                     }
                     Err(e) => {
+                        // The run stops (disk full, database gone). What did commit is still
+                        // acknowledged if the server and database let us; if not, next run.
+                        if let Err(ack_error) = drain_acks(p, session, selected.uidvalidity).await {
+                            tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+                        }
                         return Err(PollError::Ingest {
                             mailbox: mb.id.clone(),
                             source: e,

@@ -575,3 +575,210 @@ async fn run_polls_on_its_schedule_reuses_the_token_and_stops_on_sigterm() {
     assert_eq!(bed.idp.token_requests(), 1, "{}", text(&out));
     assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_folder_with_a_new_uidvalidity_gives_exactly_one_new_registration() {
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    mb.folder = "Podani";
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    for (_, raw) in &fixtures[..3] {
+        bed.dovecot.deliver(PODATELNA, "Podani", raw).unwrap();
+    }
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let before = bed.dovecot.uidvalidity(PODATELNA, "Podani").unwrap();
+
+    // The folder is deleted and recreated (a mailbox migration): same messages plus one new.
+    bed.dovecot
+        .doveadm(&["mailbox", "delete", "-u", PODATELNA, "Podani"], None)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // a new UIDVALIDITY is time-based
+    for (_, raw) in &fixtures[..4] {
+        bed.dovecot.deliver(PODATELNA, "Podani", raw).unwrap();
+    }
+    let after = bed.dovecot.uidvalidity(PODATELNA, "Podani").unwrap();
+    assert_ne!(before, after, "Dovecot kept the UIDVALIDITY");
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("podatelna: 1 new"), "{}", text(&out));
+    assert!(stdout.contains("3 linked"), "{}", text(&out));
+    let registry = bed.registry().await;
+    assert_eq!(registry.list(None, 100).await.unwrap().len(), 4);
+    let kinds: Vec<String> = registry
+        .events(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "uidvalidity-changed").count(),
+        1
+    );
+    assert_eq!(kinds.iter().filter(|k| *k == "linked").count(), 3);
+    // The recreated folder's messages all end \Seen.
+    assert!(bed.seen(PODATELNA, "Podani").values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_and_oversized_mail_is_quarantined_raw_and_moved_aside() {
+    let mut bed = bed_with_apps().await;
+    bed.tables = "[limits]\nmax_message_bytes = 200000\n".into();
+    let mut mb = podatelna();
+    mb.after_quarantine = Some("move:Quarantine");
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let headerless = b"\n\nthis submission lost its header somewhere on the way\n".to_vec();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &headerless)
+        .unwrap();
+    let mut big = fixtures[1].1.clone();
+    big.extend(std::iter::repeat_n(b'x', 300_000));
+    big.push(b'\n');
+    bed.dovecot.deliver(PODATELNA, "INBOX", &big).unwrap();
+    let served = bed.served(PODATELNA, "client-podatelna").await;
+
+    let out = bed.run_once().await;
+    assert!(
+        out.status.success(),
+        "quarantine is a handled outcome: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 quarantined"),
+        "{}",
+        text(&out)
+    );
+    let registry = bed.registry().await;
+    let q = registry
+        .list(Some(mailintake::registry::Status::Quarantined), 10)
+        .await
+        .unwrap();
+    let reasons: std::collections::BTreeSet<_> =
+        q.iter().map(|r| r.reason_code.clone().unwrap()).collect();
+    assert_eq!(
+        reasons,
+        ["parse:no-headers".to_owned(), "too-large".to_owned()].into()
+    );
+    // The raw bytes are kept exactly as served.
+    let store = bed.store();
+    for r in &q {
+        let raw = store
+            .get(&Sha256Digest::from_hex(&r.raw_sha256).unwrap())
+            .unwrap();
+        assert!(served.values().any(|s| *s == raw));
+    }
+    // Registered one stays in INBOX (seen); the quarantined ones were moved aside.
+    assert_eq!(bed.dovecot.uids(PODATELNA, "INBOX").unwrap().len(), 1);
+    assert_eq!(bed.dovecot.uids(PODATELNA, "Quarantine").unwrap().len(), 2);
+    let list = bed
+        .command(&["registry", "list", "--status", "quarantined"], &[])
+        .await;
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        table.contains("too-large") && table.contains("parse:no-headers"),
+        "{table}"
+    );
+    assert!(table.contains("2 quarantined message(s)"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_killing_the_worker_is_quarantined_as_poison() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    let fixtures = fixtures();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[2].1)
+        .unwrap();
+    // Three runs die on this message (default limits.max_attempts = 3).
+    for _ in 0..3 {
+        let out = bed
+            .run_once_env(&[("MAILINTAKE_FAILPOINT", "after-raw-write")])
+            .await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(9)
+        );
+    }
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let q = bed
+        .registry()
+        .await
+        .list(Some(mailintake::registry::Status::Quarantined), 10)
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 1, "{}", text(&out));
+    assert_eq!(q[0].reason_code.as_deref(), Some("poison"));
+    assert!(
+        q[0].reason_detail
+            .as_deref()
+            .unwrap()
+            .contains("failed 3 times"),
+        "{q:?}"
+    );
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_lists_orphaned_blobs_and_deletes_only_when_asked() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures()[1].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    // A blob nothing refers to, as a crash between the durable write and the commit leaves.
+    let orphan = bed.store().put(b"orphaned bytes").unwrap();
+    let dry = bed
+        .command(&["registry", "gc", "--dry-run", "--min-age-secs", "0"], &[])
+        .await;
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(stdout.contains(&orphan.to_hex()), "{stdout}");
+    assert!(stdout.contains("1 orphaned blob(s)"), "{stdout}");
+    assert!(
+        bed.store().get(&orphan).is_ok(),
+        "a dry run deletes nothing"
+    );
+    // Young orphans are left alone by default (a commit may be in progress).
+    let young = bed.command(&["registry", "gc", "--delete"], &[]).await;
+    assert!(String::from_utf8_lossy(&young.stdout).contains("0 orphaned blob(s)"));
+    assert!(bed.store().get(&orphan).is_ok());
+    let delete = bed
+        .command(&["registry", "gc", "--delete", "--min-age-secs", "0"], &[])
+        .await;
+    assert!(delete.status.success(), "{}", text(&delete));
+    assert!(bed.store().get(&orphan).is_err());
+    // Referenced blobs (the raw message and its PDF) are untouched.
+    let out = bed
+        .command(&["registry", "gc", "--dry-run", "--min-age-secs", "0"], &[])
+        .await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 orphaned blob(s)"));
+    assert_no_lost_blobs(&bed).await;
+}
+
+async fn assert_no_lost_blobs(bed: &Bed) {
+    let registry = bed.registry().await;
+    for r in registry.list(None, 100).await.unwrap() {
+        assert!(
+            bed.store()
+                .get(&Sha256Digest::from_hex(&r.raw_sha256).unwrap())
+                .is_ok()
+        );
+        for a in registry.attachments(r.id).await.unwrap() {
+            assert!(
+                bed.store()
+                    .get(&Sha256Digest::from_hex(&a.sha256).unwrap())
+                    .is_ok()
+            );
+        }
+    }
+}

@@ -48,9 +48,11 @@ pub async fn once(config: Config) -> anyhow::Result<bool> {
         match &o.result {
             Ok(r) => {
                 println!(
-                    "{}: {} new, {} already registered, {} acknowledged{}{}",
+                    "{}: {} new, {} quarantined, {} linked, {} already registered, {} acknowledged{}{}",
                     o.mailbox_id,
                     r.registered,
+                    r.quarantined,
+                    r.linked,
                     r.already_registered,
                     r.acked,
                     if r.failed.is_empty() {

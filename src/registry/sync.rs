@@ -204,6 +204,23 @@ impl Registry {
         Ok((row.get::<i64, _>(0) as u32, row.get(1)))
     }
 
+    /// Takes back the attempt counted by [`Registry::begin_attempt`] when the failure was the
+    /// environment's (disk full, database unreachable), not the message's.
+    pub async fn forget_attempt(&self, loc: &Location) -> Result<(), RegistryError> {
+        sqlx::query(
+            "UPDATE processing_attempts SET attempts = attempts - 1 \
+             WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4 AND attempts > 0",
+        )
+        .bind(&loc.mailbox_id)
+        .bind(&loc.folder)
+        .bind(i64::from(loc.uidvalidity))
+        .bind(i64::from(loc.uid))
+        .execute(&self.pool)
+        .await
+        .map_err(RegistryError::db("take back processing attempt"))?;
+        Ok(())
+    }
+
     /// Remembers why processing failed (shown in the quarantine reason if it keeps failing).
     pub async fn record_failure(&self, loc: &Location, error: &str) -> Result<(), RegistryError> {
         sqlx::query(

@@ -26,6 +26,8 @@ pub struct MailboxSpec {
     /// Trust the test CA (`ca_file`); without it the server's certificate must be refused.
     pub trust_test_ca: bool,
     pub schedule: Option<&'static str>,
+    pub folder: &'static str,
+    pub after_quarantine: Option<&'static str>,
 }
 
 impl MailboxSpec {
@@ -44,6 +46,8 @@ impl MailboxSpec {
             after: "seen",
             trust_test_ca: true,
             schedule: None,
+            folder: "INBOX",
+            after_quarantine: None,
         }
     }
 }
@@ -53,7 +57,14 @@ pub struct Bed {
     pub dovecot: Dovecot,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// Top-level configuration lines (e.g. `database_url = …`, `[limits]` tables go last).
     pub extra_config: String,
+    /// Lines inside the `[imap]` table.
+    pub imap_extra: String,
+    /// Tables appended at the end (`[limits]`, `[registry]`).
+    pub tables: String,
+    /// Registry URL; default a SQLite file in the data dir.
+    pub database: Option<String>,
 }
 
 impl Bed {
@@ -69,6 +80,9 @@ impl Bed {
             dir,
             config,
             extra_config: String::new(),
+            imap_extra: String::new(),
+            tables: String::new(),
+            database: None,
         }
     }
 
@@ -77,15 +91,20 @@ impl Bed {
     }
 
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}/registry.sqlite3", self.data_dir().display())
+        self.database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/registry.sqlite3", self.data_dir().display()))
     }
 
     /// Writes the configuration for these mailboxes (one credential per mailbox).
     pub fn configure(&self, mailboxes: &[MailboxSpec]) {
         let mut text = format!(
-            "data_dir = \"{}\"\n{}\n[imap]\nconnect_timeout_secs = 5\nio_timeout_secs = 20\n",
+            "data_dir = \"{}\"\ndatabase_url = \"{}\"\n{}\n[imap]\nconnect_timeout_secs = 5\nio_timeout_secs = 20\n{}\n{}\n",
             self.data_dir().display(),
-            self.extra_config
+            self.database_url(),
+            self.extra_config,
+            self.imap_extra,
+            self.tables,
         );
         for mb in mailboxes {
             let secret_file = self.dir.path().join(format!("{}.secret", mb.id));
@@ -120,6 +139,10 @@ impl Bed {
                     self.dovecot.ca_file().display()
                 ));
             }
+            text.push_str(&format!("folder = \"{}\"\n", mb.folder));
+            if let Some(action) = mb.after_quarantine {
+                text.push_str(&format!("after_quarantine = \"{action}\"\n"));
+            }
             if let Some(schedule) = mb.schedule {
                 text.push_str(&format!("schedule = \"{schedule}\"\n"));
             }
@@ -129,13 +152,29 @@ impl Bed {
 
     /// `mailintake run --once`, run as a separate process like an operator would.
     pub async fn run_once(&self) -> Output {
+        self.run_once_env(&[]).await
+    }
+
+    /// `mailintake run --once` with extra environment (e.g. `MAILINTAKE_FAILPOINT`).
+    pub async fn run_once_env(&self, env: &[(&str, &str)]) -> Output {
+        self.command(&["run", "--once"], env).await
+    }
+
+    /// Any `mailintake` command with this bed's configuration.
+    pub async fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let config = self.config.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
                 .arg("--config")
                 .arg(&config)
-                .args(["run", "--once"])
+                .args(&args)
                 .env("MAILINTAKE_LOG", "debug")
+                .envs(env)
                 .output()
                 .expect("run mailintake")
         })
@@ -167,6 +206,16 @@ impl Bed {
     /// Messages as the server serves them now, by UID, fetched with a fresh `BODY.PEEK[]`
     /// over a connection of the test's own (not mailintake's IMAP code).
     pub async fn served(&self, user: &str, client_id: &str) -> BTreeMap<u32, Vec<u8>> {
+        self.served_in(user, "INBOX", client_id).await
+    }
+
+    /// Like [`Bed::served`] for any folder.
+    pub async fn served_in(
+        &self,
+        user: &str,
+        folder: &str,
+        client_id: &str,
+    ) -> BTreeMap<u32, Vec<u8>> {
         let token = self.idp.issue_token(client_id).unwrap();
         let pem = std::fs::read(self.dovecot.ca_file()).unwrap();
         let tls = async_native_tls::TlsConnector::new()
@@ -192,7 +241,7 @@ impl Bed {
             .await
             .map_err(|(e, _)| e)
             .expect("test login");
-        session.examine("INBOX").await.unwrap();
+        session.examine(folder).await.unwrap();
         let mut out = BTreeMap::new();
         {
             let mut fetches = session.uid_fetch("1:*", "(UID BODY.PEEK[])").await.unwrap();

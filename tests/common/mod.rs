@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod bed;
+pub mod pg;
+pub mod proxy;
+pub mod tmpfs;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,426 @@
+//! Exactly-once under crashes and outages. The worker is killed with SIGKILL at named points
+//! (`MAILINTAKE_FAILPOINT`) and at random moments, the database link is cut mid-run, and the data
+//! dir runs out of space. After each, a fresh `run --once` catches up, and a reconciler checks the
+//! invariant: every message on the server is registered or quarantined exactly once, the stored
+//! raw equals a fresh `BODY.PEEK[]` of it, it ends `\Seen`, and registry numbers have no gaps.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+use common::bed::{Bed, MailboxSpec, TENANT, text};
+use common::pg::{PgDb, TestDb};
+use mailintake::raw_store::Sha256Digest;
+use mailintake::registry::Status;
+
+const USER: &str = "podatelna@urad.example";
+const CLIENT: &str = "client-podatelna";
+
+async fn bed(database: &TestDb) -> Bed {
+    let mut bed = Bed::start().await;
+    bed.idp.add_app(TENANT, CLIENT, "secret-podatelna", &[USER]);
+    bed.database = Some(database.url());
+    bed
+}
+
+fn mailbox() -> MailboxSpec {
+    MailboxSpec::new("podatelna", USER, CLIENT, "secret-podatelna")
+}
+
+/// `n` distinct messages built from the fixtures, each padded to about `pad` bytes.
+fn messages(n: usize, pad: usize) -> Vec<Vec<u8>> {
+    let fixtures = common::bed::fixtures();
+    (0..n)
+        .map(|i| {
+            let mut raw = format!("X-Test-Sequence: {i}\n").into_bytes();
+            raw.extend_from_slice(&fixtures[i % fixtures.len()].1);
+            let line = format!("{i:077}\n");
+            while raw.len() < pad {
+                raw.extend_from_slice(line.as_bytes());
+            }
+            raw
+        })
+        .collect()
+}
+
+/// The invariant, checked against the server and the registry. Returns the number of records.
+async fn reconcile(bed: &Bed) -> usize {
+    let registry = bed.registry().await;
+    let store = bed.store();
+    let served = bed.served(USER, CLIENT).await;
+    let uidvalidity = bed.dovecot.uidvalidity(USER, "INBOX").unwrap();
+    let rows = registry.list(None, 100_000).await.unwrap();
+    let mut by_uid: BTreeMap<u32, i64> = BTreeMap::new();
+    for (folder, validity, uid, id) in registry.locations("podatelna").await.unwrap() {
+        if folder == "INBOX" && validity == uidvalidity {
+            assert!(by_uid.insert(uid, id).is_none(), "UID {uid} recorded twice");
+        }
+    }
+    assert_eq!(
+        by_uid.keys().copied().collect::<BTreeSet<_>>(),
+        served.keys().copied().collect::<BTreeSet<_>>(),
+        "every message on the server must be recorded, and nothing else"
+    );
+    for (uid, id) in &by_uid {
+        let row = rows.iter().find(|r| r.id == *id).unwrap();
+        let stored = store
+            .get(&Sha256Digest::from_hex(&row.raw_sha256).unwrap())
+            .unwrap();
+        assert_eq!(
+            &stored, &served[uid],
+            "UID {uid}: stored raw differs from a fresh BODY.PEEK[]"
+        );
+    }
+    // Distinct bytes, distinct records: nothing registered twice.
+    let distinct: BTreeSet<&Vec<u8>> = served.values().collect();
+    assert_eq!(rows.len(), distinct.len(), "records vs distinct messages");
+    // Every message ends \Seen.
+    let unseen: Vec<u32> = bed
+        .seen(USER, "INBOX")
+        .into_iter()
+        .filter(|(_, seen)| !seen)
+        .map(|(uid, _)| uid)
+        .collect();
+    assert!(unseen.is_empty(), "not \\Seen after recovery: {unseen:?}");
+    // Registry numbers: 1..N, no gaps, no duplicates.
+    let mut numbers: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.registry_number.clone())
+        .collect();
+    numbers.sort();
+    let year = chrono::Local::now().format("%Y").to_string();
+    let want: Vec<String> = (1..=numbers.len())
+        .map(|n| format!("REG-{year}-{n:06}"))
+        .collect();
+    assert_eq!(numbers, want);
+    assert!(
+        registry
+            .pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    registry.close().await;
+    rows.len()
+}
+
+/// Nothing is \Seen that is not recorded (the one thing a crash must never cause).
+async fn assert_no_ack_without_commit(bed: &Bed) {
+    let registry = bed.registry().await;
+    let uidvalidity = bed.dovecot.uidvalidity(USER, "INBOX").unwrap();
+    let recorded: BTreeSet<u32> = registry
+        .locations("podatelna")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(f, v, _, _)| f == "INBOX" && *v == uidvalidity)
+        .map(|(_, _, uid, _)| uid)
+        .collect();
+    for (uid, seen) in bed.seen(USER, "INBOX") {
+        assert!(
+            !seen || recorded.contains(&uid),
+            "UID {uid} is \\Seen but not recorded"
+        );
+    }
+    registry.close().await;
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::TestDb::postgres()).await })*
+        }
+    };
+}
+
+both_backends!(
+    killed_after_fetch,
+    killed_after_raw_write,
+    killed_after_commit_before_ack,
+    killed_in_the_middle_of_a_batch,
+);
+
+/// Delivers 12 messages, runs with the failpoint armed (batches of 4), checks the kill and what
+/// it left, then recovers and reconciles.
+async fn crash_at(
+    db: &TestDb,
+    failpoint: &str,
+    expect_records: usize,
+    expect_pending: usize,
+) -> Bed {
+    let mut bed = bed(db).await;
+    bed.imap_extra = "batch_max_messages = 4".into();
+    bed.configure(&[mailbox()]);
+    for raw in messages(12, 2_000) {
+        bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+    }
+    let out = bed
+        .run_once_env(&[("MAILINTAKE_FAILPOINT", failpoint)])
+        .await;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "expected SIGKILL at {failpoint}: {}",
+        text(&out)
+    );
+    let registry = bed.registry().await;
+    assert_eq!(
+        registry.list(None, 100).await.unwrap().len(),
+        expect_records,
+        "records at {failpoint}"
+    );
+    assert_eq!(
+        registry
+            .pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .len(),
+        expect_pending,
+        "pending acks at {failpoint}"
+    );
+    registry.close().await;
+    assert_no_ack_without_commit(&bed).await;
+
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "recovery run: {}", text(&out));
+    assert_eq!(reconcile(&bed).await, 12);
+    bed
+}
+
+async fn killed_after_fetch(db: TestDb) {
+    // Second batch fetched, nothing of it stored: the first batch is registered and acked.
+    crash_at(&db, "after-fetch:2", 4, 0).await;
+}
+
+async fn killed_after_raw_write(db: TestDb) {
+    // Second message's raw is durable but not committed: an orphan blob, harmless, listed by gc.
+    let bed = crash_at(&db, "after-raw-write:2", 1, 1).await;
+    let out = bed
+        .command(&["registry", "gc", "--dry-run", "--min-age-secs", "0"], &[])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    // After recovery the blob is referenced again (same bytes, registered): no orphans.
+    assert!(stdout.contains("0 orphaned blob(s)"), "{stdout}");
+}
+
+async fn killed_after_commit_before_ack(db: TestDb) {
+    // Two committed, neither acknowledged: the ack rows survive the kill and are replayed.
+    crash_at(&db, "after-commit:2", 2, 2).await;
+}
+
+async fn killed_in_the_middle_of_a_batch(db: TestDb) {
+    // Batch of 4: the kill comes after the middle (third) message's commit.
+    crash_at(&db, "mid-batch", 3, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_random_sigkills_during_a_200_message_ingest_on_postgresql() {
+    let db = TestDb::postgres();
+    let mut bed = bed(&db).await;
+    bed.imap_extra = "batch_max_messages = 10".into();
+    bed.configure(&[mailbox()]);
+    for raw in messages(200, 400_000) {
+        bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+    }
+    let seed: u64 = std::env::var("MAILINTAKE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("random kill loop: seed {seed} (set MAILINTAKE_TEST_SEED to replay)");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let registry = bed.registry().await;
+    let (mut kills, mut runs) = (0, 0);
+    let started = Instant::now();
+    while kills < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "kill loop took too long"
+        );
+        runs += 1;
+        // A random moment: after 0-4 more messages are recorded, plus 0-40 ms. Tied to progress
+        // rather than to the clock, so that a loaded machine cannot let the ingest finish first.
+        let baseline = registry.list(None, 1000).await.unwrap().len();
+        let more = rand::Rng::random_range(&mut rng, 0..=4usize);
+        let jitter = rand::Rng::random_range(&mut rng, 0..40u64);
+        let mut child = bed.spawn_run_once();
+        let wait_until = Instant::now() + Duration::from_secs(30);
+        while registry.list(None, 1000).await.unwrap().len() < baseline + more
+            && Instant::now() < wait_until
+            && child.try_wait().unwrap().is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        let _ = child.kill(); // SIGKILL
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        if status.signal() == Some(9) {
+            kills += 1;
+        }
+        assert_no_ack_without_commit(&bed).await;
+    }
+    let before = registry.list(None, 1000).await.unwrap().len();
+    eprintln!("{kills} SIGKILLs over {runs} runs; {before} of 200 recorded before the final run");
+    assert!(
+        before < 200,
+        "the kills came too late to interrupt the ingest"
+    );
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "final run: {}", text(&out));
+    assert_eq!(reconcile(&bed).await, 200);
+    let quarantined = registry
+        .list(Some(Status::Quarantined), 1000)
+        .await
+        .unwrap();
+    eprintln!(
+        "quarantined as poison after repeated kills: {}",
+        quarantined.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_unreachable_mid_run_acks_nothing_uncommitted_and_the_next_run_catches_up() {
+    let pg = PgDb::create();
+    let mut proxy = common::proxy::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut bed = Bed::start().await;
+    bed.idp.add_app(TENANT, CLIENT, "secret-podatelna", &[USER]);
+    bed.database = Some(pg.url_via(proxy.port));
+    bed.imap_extra = "batch_max_messages = 1".into();
+    bed.configure(&[mailbox()]);
+    for raw in messages(30, 1_000_000) {
+        bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+    }
+    // Watch progress over a direct connection, not through the proxy.
+    let direct = mailintake::registry::Registry::open(&pg.url).await.unwrap();
+    let child = bed.spawn_run_once();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while direct.list(None, 100).await.unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "nothing registered in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.cut();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error: mailbox podatelna: registry:")),
+        "{}",
+        text(&out)
+    );
+    let midway = direct.list(None, 100).await.unwrap().len();
+    assert!(midway < 30, "the cut came too late ({midway})");
+    // Nothing acknowledged that is not committed.
+    let recorded: BTreeSet<u32> = direct
+        .locations("podatelna")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, uid, _)| uid)
+        .collect();
+    for (uid, seen) in bed.seen(USER, "INBOX") {
+        assert!(
+            !seen || recorded.contains(&uid),
+            "UID {uid} \\Seen without a commit"
+        );
+    }
+    // While the database is unreachable a run fails cleanly, touching nothing.
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot open the registry database"),
+        "{}",
+        text(&out)
+    );
+    proxy.restore().await;
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    bed.database = Some(pg.url.clone());
+    assert_eq!(reconcile(&bed).await, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_means_no_commit_no_ack_a_clear_error_and_recovery_once_space_is_back() {
+    let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "disk_full: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
+            );
+            return;
+        }
+    };
+    let db = TestDb::sqlite(); // the database elsewhere: it is the blob store that fills up
+    let bed = bed(&db).await;
+    bed.configure(&[mailbox()]);
+    // Point the data dir at the small filesystem.
+    let config = std::fs::read_to_string(&bed.config).unwrap();
+    let data_line = config.lines().next().unwrap().to_owned();
+    std::fs::write(
+        &bed.config,
+        config.replacen(
+            &data_line,
+            &format!("data_dir = \"{}\"", tmpfs.path().display()),
+            1,
+        ),
+    )
+    .unwrap();
+    let mut msgs = messages(2, 20_000);
+    msgs.push(messages(3, 4_000_000).pop().unwrap()); // does not fit in 3 MB
+    msgs.extend(messages(5, 20_000).into_iter().skip(3));
+    for raw in &msgs {
+        bed.dovecot.deliver(USER, "INBOX", raw).unwrap();
+    }
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("raw store: cannot write"), "{}", text(&out));
+    assert!(stderr.contains("No space left on device"), "{}", text(&out));
+    let registry = bed.registry().await;
+    assert_eq!(
+        registry.list(None, 100).await.unwrap().len(),
+        2,
+        "only what fitted is registered"
+    );
+    let seen = bed.seen(USER, "INBOX");
+    assert_eq!(
+        seen.values().filter(|s| **s).count(),
+        2,
+        "only the committed ones are acked: {seen:?}"
+    );
+    assert_no_ack_without_commit(&bed).await;
+    // No temp file is left behind on the full filesystem.
+    assert_eq!(
+        std::fs::read_dir(tmpfs.path().join("tmp")).unwrap().count(),
+        0
+    );
+
+    tmpfs.resize("64m");
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let store = mailintake::raw_store::RawStore::open(tmpfs.path()).unwrap();
+    let rows = registry.list(None, 100).await.unwrap();
+    assert_eq!(rows.len(), 5);
+    // The message that hit the full disk is registered, not held against it as poison.
+    assert!(rows.iter().all(|r| r.status == Status::Registered));
+    for r in &rows {
+        assert!(
+            store
+                .get(&Sha256Digest::from_hex(&r.raw_sha256).unwrap())
+                .is_ok()
+        );
+    }
+    assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
+}

@@ -1,0 +1,380 @@
+//! The registry suite, run unchanged against both backends: SQLite and a fresh PostgreSQL
+//! database per test (the machine's server at 127.0.0.1:5432).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::pg::TestDb;
+use mailintake::parse::{Submission, parse};
+use mailintake::raw_store::Sha256Digest;
+use mailintake::registry::{
+    Content, Location, NewRecord, Origin, Outcome, Registry, Status, UidValidityCheck,
+};
+use sqlx::Connection;
+
+fn fixture(n: usize) -> (Vec<u8>, Submission) {
+    let (_, raw) = common::bed::fixtures().swap_remove(n);
+    let s = parse(&raw, &Sha256Digest::of(&raw)).unwrap();
+    (raw, s)
+}
+
+fn imap(uid: u32) -> Origin {
+    Origin::Imap(Location {
+        mailbox_id: "podatelna".into(),
+        folder: "INBOX".into(),
+        uidvalidity: 7,
+        uid,
+    })
+}
+
+async fn register(r: &Registry, origin: &Origin, raw: &[u8], s: &Submission) -> Outcome {
+    r.register(NewRecord {
+        origin,
+        raw_sha256: Sha256Digest::of(raw),
+        raw_size: raw.len() as u64,
+        content: Content::Registered(s),
+        ack: Some("seen".into()),
+        timeline: &[
+            ("fetched", "2026-11-21T00:00:00.000001Z".into()),
+            ("stored", "2026-11-21T00:00:00.000002Z".into()),
+            ("parsed", "2026-11-21T00:00:00.000003Z".into()),
+        ],
+    })
+    .await
+    .unwrap()
+}
+
+fn number(n: i64) -> String {
+    format!("REG-{}-{n:06}", chrono::Local::now().format("%Y"))
+}
+
+/// Runs each test body against SQLite and against PostgreSQL.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = super::TestDb::sqlite();
+                super::$name(&db).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = super::TestDb::postgres();
+                super::$name(&db).await
+            })*
+        }
+    };
+}
+
+both_backends!(
+    registration_writes_everything_in_one_transaction,
+    a_known_location_writes_nothing_and_takes_no_number,
+    the_same_bytes_elsewhere_are_linked_not_registered_again,
+    quarantine_keeps_a_reason_and_takes_no_number,
+    the_audit_trail_is_append_only,
+    uidvalidity_change_resets_the_mark_and_is_recorded,
+    attempts_are_counted_and_cleared_by_the_registration,
+    eight_concurrent_writers_get_numbers_without_gaps_or_duplicates,
+    nul_bytes_in_text_do_not_break_either_backend,
+);
+
+async fn registration_writes_everything_in_one_transaction(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(3); // the forwarded submission: 2 attachments
+    let out = register(&r, &imap(1), &raw, &s).await;
+    let Outcome::Registered { id, number: n } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(n, number(1));
+    let att = r.attachments(id).await.unwrap();
+    assert_eq!(att.len(), s.attachments.len());
+    assert_eq!(att[1].sha256, s.attachments[1].sha256.to_hex());
+    assert_eq!(att[1].parent_ordinal, Some(0));
+    let acks = r.pending_acks("podatelna", "INBOX").await.unwrap();
+    assert_eq!(acks.len(), 1);
+    assert_eq!((acks[0].uid, acks[0].action.as_str()), (1, "seen"));
+    let kinds: Vec<String> = r
+        .events(Some(id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["fetched", "stored", "parsed", "registered"]);
+    r.acks_done("podatelna", "INBOX", &acks, "acked")
+        .await
+        .unwrap();
+    assert!(
+        r.pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let last = r.events(Some(id)).await.unwrap().pop().unwrap();
+    assert_eq!((last.kind.as_str(), last.uid), ("acked", Some(1)));
+    let rows = r.list(Some(Status::Registered), 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].subject, s.subject);
+}
+
+async fn a_known_location_writes_nothing_and_takes_no_number(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(0);
+    let first = register(&r, &imap(1), &raw, &s).await;
+    let again = register(&r, &imap(1), &raw, &s).await;
+    assert_eq!(again, Outcome::AlreadyKnown { id: first.id() });
+    let (raw2, s2) = fixture(1);
+    let Outcome::Registered { number: n, .. } = register(&r, &imap(2), &raw2, &s2).await else {
+        panic!()
+    };
+    assert_eq!(n, number(2), "a retry must not consume a number");
+    assert_eq!(r.list(None, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        r.known_uids("podatelna", "INBOX", 7, &[1, 2, 3])
+            .await
+            .unwrap(),
+        [1, 2].into()
+    );
+}
+
+async fn the_same_bytes_elsewhere_are_linked_not_registered_again(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(1);
+    let first = register(&r, &imap(1), &raw, &s).await;
+    // The same bytes under a new UIDVALIDITY, in another folder, and re-imported.
+    let moved = Origin::Imap(Location {
+        mailbox_id: "podatelna".into(),
+        folder: "INBOX".into(),
+        uidvalidity: 8,
+        uid: 1,
+    });
+    let copy = Origin::Imap(Location {
+        mailbox_id: "podatelna".into(),
+        folder: "Archiv".into(),
+        uidvalidity: 3,
+        uid: 40,
+    });
+    for origin in [&moved, &copy] {
+        let out = register(&r, origin, &raw, &s).await;
+        assert_eq!(
+            out,
+            Outcome::Linked {
+                id: first.id(),
+                status: Status::Registered
+            }
+        );
+    }
+    // Another mailbox is another registry owner: registered there on its own.
+    let other = Origin::Imap(Location {
+        mailbox_id: "spisovna".into(),
+        folder: "INBOX".into(),
+        uidvalidity: 7,
+        uid: 1,
+    });
+    assert!(matches!(
+        register(&r, &other, &raw, &s).await,
+        Outcome::Registered { .. }
+    ));
+    assert_eq!(r.list(None, 10).await.unwrap().len(), 2);
+    assert_eq!(r.locations("podatelna").await.unwrap().len(), 3);
+    // The linked location gets its acknowledgement too.
+    let acks = r.pending_acks("podatelna", "INBOX").await.unwrap();
+    assert_eq!(
+        acks.iter().map(|a| a.uidvalidity).collect::<BTreeSet<_>>(),
+        [7, 8].into()
+    );
+    let kinds: Vec<String> = r
+        .events(Some(first.id()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "linked").count(), 2);
+}
+
+async fn quarantine_keeps_a_reason_and_takes_no_number(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let raw = b"\x00\x01 not a message".to_vec();
+    let out = r
+        .register(NewRecord {
+            origin: &imap(5),
+            raw_sha256: Sha256Digest::of(&raw),
+            raw_size: raw.len() as u64,
+            content: Content::Quarantined {
+                reason_code: "parse:no-headers",
+                detail: "no RFC 5322 header could be found",
+            },
+            ack: Some("move:Quarantine".into()),
+            timeline: &[],
+        })
+        .await
+        .unwrap();
+    let Outcome::Quarantined { id } = out else {
+        panic!("{out:?}")
+    };
+    let q = r.list(Some(Status::Quarantined), 10).await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].id, id);
+    assert_eq!(q[0].registry_number, None);
+    assert_eq!(q[0].reason_code.as_deref(), Some("parse:no-headers"));
+    assert!(
+        r.list(Some(Status::Registered), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        r.pending_acks("podatelna", "INBOX").await.unwrap()[0].action,
+        "move:Quarantine"
+    );
+    let (raw, s) = fixture(0);
+    let Outcome::Registered { number: n, .. } = register(&r, &imap(6), &raw, &s).await else {
+        panic!()
+    };
+    assert_eq!(n, number(1));
+}
+
+async fn the_audit_trail_is_append_only(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(0);
+    register(&r, &imap(1), &raw, &s).await;
+    let mut conn = sqlx::AnyConnection::connect(&db.url()).await.unwrap();
+    let update = sqlx::query("UPDATE events SET kind = 'forged'")
+        .execute(&mut conn)
+        .await;
+    let delete = sqlx::query("DELETE FROM events").execute(&mut conn).await;
+    for result in [update, delete] {
+        let err = result.expect_err("events must not change");
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+    assert_eq!(r.events(None).await.unwrap().len(), 4);
+}
+
+async fn uidvalidity_change_resets_the_mark_and_is_recorded(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let check = |v| r.check_uidvalidity("podatelna", "INBOX", "p@u.example", v);
+    assert_eq!(check(7).await.unwrap(), UidValidityCheck::First);
+    r.advance_high_water("podatelna", "INBOX", 7, 42)
+        .await
+        .unwrap();
+    r.advance_high_water("podatelna", "INBOX", 7, 10)
+        .await
+        .unwrap(); // never lowered
+    assert_eq!(
+        r.mailbox_state("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .unwrap()
+            .high_water_uid,
+        42
+    );
+    assert_eq!(check(7).await.unwrap(), UidValidityCheck::Unchanged);
+    assert_eq!(
+        check(9).await.unwrap(),
+        UidValidityCheck::Changed { previous: 7 }
+    );
+    let state = r
+        .mailbox_state("podatelna", "INBOX")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((state.uidvalidity, state.high_water_uid), (Some(9), 0));
+    let events = r.events(None).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "uidvalidity-changed");
+    assert!(events[0].detail.as_deref().unwrap().contains("7 -> 9"));
+    // A mark for a stale UIDVALIDITY is ignored.
+    r.advance_high_water("podatelna", "INBOX", 7, 99)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.mailbox_state("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .unwrap()
+            .high_water_uid,
+        0
+    );
+}
+
+async fn attempts_are_counted_and_cleared_by_the_registration(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let Origin::Imap(loc) = imap(3) else {
+        unreachable!()
+    };
+    assert_eq!(r.begin_attempt(&loc).await.unwrap(), (1, None));
+    r.record_failure(&loc, "database refused the text")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.begin_attempt(&loc).await.unwrap(),
+        (2, Some("database refused the text".into()))
+    );
+    r.forget_attempt(&loc).await.unwrap();
+    assert_eq!(r.begin_attempt(&loc).await.unwrap().0, 2);
+    let (raw, s) = fixture(0);
+    register(&r, &imap(3), &raw, &s).await;
+    assert_eq!(
+        r.begin_attempt(&loc).await.unwrap().0,
+        1,
+        "registration clears the count"
+    );
+}
+
+async fn eight_concurrent_writers_get_numbers_without_gaps_or_duplicates(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(0);
+    let mut tasks = Vec::new();
+    for writer in 0..8u32 {
+        let r = r.clone();
+        let (raw, s) = (raw.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut numbers = Vec::new();
+            for i in 0..25u32 {
+                // Distinct bytes per message; every fourth a retry of the same location.
+                let mut bytes = format!("X-Writer: {writer}-{i}\n").into_bytes();
+                bytes.extend_from_slice(&raw);
+                let origin = Origin::Imap(Location {
+                    mailbox_id: "podatelna".into(),
+                    folder: "INBOX".into(),
+                    uidvalidity: 1,
+                    uid: writer * 1000 + i,
+                });
+                let out = register(&r, &origin, &bytes, &s).await;
+                if i % 4 == 0 {
+                    assert!(matches!(
+                        register(&r, &origin, &bytes, &s).await,
+                        Outcome::AlreadyKnown { .. }
+                    ));
+                }
+                match out {
+                    Outcome::Registered { number, .. } => numbers.push(number),
+                    other => panic!("{other:?}"),
+                }
+            }
+            numbers
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    let want: Vec<String> = (1..=200).map(number).collect();
+    assert_eq!(all, want, "numbers must be 1..200 exactly once each");
+}
+
+async fn nul_bytes_in_text_do_not_break_either_backend(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let raw =
+        b"From: a@b.cz\nSubject: bad\0subject\nMessage-ID: <n@u>\n\nbody with \0 NUL\n".to_vec();
+    let s = parse(&raw, &Sha256Digest::of(&raw)).unwrap();
+    let out = register(&r, &imap(1), &raw, &s).await;
+    assert!(matches!(out, Outcome::Registered { .. }), "{out:?}");
+    let rows = r.list(None, 1).await.unwrap();
+    assert_eq!(rows[0].subject.as_deref(), Some("badsubject"));
+}
