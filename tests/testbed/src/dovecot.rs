@@ -56,15 +56,18 @@ impl DovecotOptions {
 /// XOAUTH2 and OAUTHBEARER are checked by Dovecot's `passdb oauth2` against the
 /// [`IdentityPlatform`]'s `/tokeninfo` endpoint:
 /// * a token the identity platform does not know, or knows as expired or revoked, is
-///   answered `401` and the login fails with `NO [AUTHENTICATIONFAILED]`;
-/// * a live token logs in only to a mailbox its app was registered for
-///   ([`IdentityPlatform::add_app`]), otherwise `NO [AUTHENTICATIONFAILED]`;
+///   answered `401` and the login fails with `NO [AUTHENTICATIONFAILED]`; so are tokens
+///   Exchange Online would refuse (another `aud`, an app-only token without the
+///   `IMAP.AccessAsApp` role);
+/// * a live app-only token logs in only to a mailbox its app was registered for
+///   ([`IdentityPlatform::add_app`]), a delegated token only to the mailbox of its user;
+///   otherwise `NO [AUTHENTICATIONFAILED]`;
 /// * while the identity platform is down ([`IdentityPlatform::set_down`]) logins fail with
 ///   `NO [UNAVAILABLE]` (a temporary failure).
 ///
 /// Dovecot 2.3.19 cannot tell the validation endpoint which mailbox is being logged in to
 /// (`tokeninfo_url` is not %-expanded; a `%u` in it even crashes the auth process), so the
-/// endpoint answers with the app's whole mailbox list (`"mailboxes":",a@x,b@y,"`) and
+/// endpoint answers with the token's whole mailbox list (`"mailboxes":",a@x,b@y,"`) and
 /// Dovecot checks membership itself: `pass_attrs` sets `allow_nets` to an address no client
 /// has unless the wildcard `*,<user>,*` matches the list. `username_attribute = email` is
 /// kept (Dovecot requires it) with a constant `username_format`, so the `email` value is

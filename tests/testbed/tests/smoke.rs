@@ -1,232 +1,13 @@
 //! Smoke tests of the testbed against the real servers (no mocks).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
+use common::*;
 use mailintake_testbed::{Dovecot, DovecotOptions, IdentityPlatform, OUTLOOK_SCOPE};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
-
-const TENANT: &str = "11111111-2222-3333-4444-555555555555";
-const MAILBOX_A: &str = "a@urad.example";
-const MAILBOX_B: &str = "b@urad.example";
-/// Bound on any single network step, so a hang fails the test instead of stalling it.
-const STEP: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------------------
-
-async fn token_request(
-    idp: &IdentityPlatform,
-    tenant: &str,
-    form: &[(&str, &str)],
-) -> (u16, Value) {
-    let body: String = form_body(form);
-    let response = tokio::time::timeout(
-        STEP,
-        reqwest::Client::new()
-            .post(idp.token_url(tenant))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send(),
-    )
-    .await
-    .expect("token request timed out")
-    .expect("token request failed");
-    let status = response.status().as_u16();
-    let json = response
-        .json::<Value>()
-        .await
-        .expect("token response is JSON");
-    (status, json)
-}
-
-fn form_body(form: &[(&str, &str)]) -> String {
-    form.iter()
-        .map(|(k, v)| format!("{k}={}", urlencode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn client_credentials<'a>(client_id: &'a str, secret: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("grant_type", "client_credentials"),
-        ("client_id", client_id),
-        ("client_secret", secret),
-        ("scope", OUTLOOK_SCOPE),
-    ]
-}
-
-async fn get_token(idp: &IdentityPlatform, client_id: &str, secret: &str) -> String {
-    let (status, json) = token_request(idp, TENANT, &client_credentials(client_id, secret)).await;
-    assert_eq!(status, 200, "{json}");
-    json["access_token"].as_str().unwrap().to_string()
-}
-
-/// Asserts an error response has exactly Entra's shape and returns its description.
-fn assert_aad_error(json: &Value, error: &str, code: u64) -> String {
-    let object = json.as_object().expect("error body is an object");
-    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(
-        keys,
-        [
-            "correlation_id",
-            "error",
-            "error_codes",
-            "error_description",
-            "error_uri",
-            "timestamp",
-            "trace_id"
-        ],
-        "{json}"
-    );
-    assert_eq!(json["error"], error, "{json}");
-    assert_eq!(json["error_codes"], serde_json::json!([code]), "{json}");
-    assert_eq!(
-        json["error_uri"],
-        format!("https://login.microsoftonline.com/error?code={code}")
-    );
-    let description = json["error_description"].as_str().unwrap().to_string();
-    assert!(
-        description.starts_with(&format!("AADSTS{code}: ")),
-        "{description}"
-    );
-    let trace_id = json["trace_id"].as_str().unwrap();
-    let correlation_id = json["correlation_id"].as_str().unwrap();
-    let timestamp = json["timestamp"].as_str().unwrap();
-    assert_eq!(trace_id.len(), 36, "{trace_id}");
-    assert!(description.contains(&format!("\r\nTrace ID: {trace_id}\r\n")));
-    assert!(description.contains(&format!("\r\nCorrelation ID: {correlation_id}\r\n")));
-    assert!(description.ends_with(&format!("\r\nTimestamp: {timestamp}")));
-    assert!(
-        timestamp.ends_with('Z') && timestamp.len() == 20,
-        "{timestamp}"
-    );
-    description
-}
-
-fn tls_connector(dovecot: &Dovecot) -> tokio_native_tls::TlsConnector {
-    let pem = std::fs::read(dovecot.ca_file()).unwrap();
-    native_tls::TlsConnector::builder()
-        .add_root_certificate(native_tls::Certificate::from_pem(&pem).unwrap())
-        .disable_built_in_roots(true)
-        .build()
-        .unwrap()
-        .into()
-}
-
-/// A minimal IMAP client: enough for greetings and authentication.
-struct Imap<S> {
-    stream: BufReader<S>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Imap<S> {
-    async fn new(stream: S) -> Self {
-        let mut imap = Imap {
-            stream: BufReader::new(stream),
-        };
-        let greeting = imap.line().await;
-        assert!(greeting.starts_with("* OK"), "{greeting}");
-        imap
-    }
-
-    async fn line(&mut self) -> String {
-        let mut line = String::new();
-        tokio::time::timeout(STEP, self.stream.read_line(&mut line))
-            .await
-            .expect("IMAP read timed out")
-            .expect("IMAP read failed");
-        line
-    }
-
-    async fn send(&mut self, data: &str) {
-        let stream = self.stream.get_mut();
-        stream.write_all(data.as_bytes()).await.unwrap();
-        stream.flush().await.unwrap();
-    }
-
-    /// Sends a tagged command and returns the tagged response line.
-    async fn command(&mut self, tag: &str, command: &str) -> String {
-        self.send(&format!("{tag} {command}\r\n")).await;
-        loop {
-            let line = self.line().await;
-            assert!(!line.is_empty(), "connection closed");
-            if line.starts_with(&format!("{tag} ")) {
-                return line;
-            }
-        }
-    }
-
-    /// SASL with an initial response; answers a failure challenge with an empty line
-    /// (as XOAUTH2/OAUTHBEARER require) and returns the tagged response.
-    async fn authenticate(&mut self, mechanism: &str, initial: &[u8]) -> String {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(initial);
-        self.send(&format!("a AUTHENTICATE {mechanism} {encoded}\r\n"))
-            .await;
-        loop {
-            let line = self.line().await;
-            assert!(!line.is_empty(), "connection closed");
-            if line.starts_with("+") {
-                self.send("\r\n").await;
-            } else if line.starts_with("a ") {
-                return line;
-            }
-        }
-    }
-}
-
-async fn imaps(dovecot: &Dovecot) -> Imap<tokio_native_tls::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", dovecot.imaps_port()))
-        .await
-        .unwrap();
-    let tls = tokio::time::timeout(STEP, tls_connector(dovecot).connect(dovecot.host(), tcp))
-        .await
-        .unwrap()
-        .expect("TLS handshake with the per-run CA");
-    Imap::new(tls).await
-}
-
-fn xoauth2_response(user: &str, token: &str) -> Vec<u8> {
-    format!("user={user}\x01auth=Bearer {token}\x01\x01").into_bytes()
-}
-
-/// Logs in with XOAUTH2 over implicit TLS and returns the tagged response.
-async fn xoauth2(dovecot: &Dovecot, user: &str, token: &str) -> String {
-    let mut imap = imaps(dovecot).await;
-    imap.authenticate("XOAUTH2", &xoauth2_response(user, token))
-        .await
-}
-
-fn assert_ok(response: &str) {
-    assert!(response.starts_with("a OK"), "expected OK, got {response}");
-}
-
-fn assert_auth_failed(response: &str) {
-    assert!(
-        response.starts_with("a NO [AUTHENTICATIONFAILED]"),
-        "expected AUTHENTICATIONFAILED, got {response}"
-    );
-}
-
-fn assert_unavailable(response: &str) {
-    assert!(
-        response.starts_with("a NO [UNAVAILABLE]"),
-        "expected UNAVAILABLE, got {response}"
-    );
-}
+use tokio::io::BufReader;
 
 // ---------------------------------------------------------------------------------------
 // Identity platform
@@ -307,7 +88,7 @@ async fn token_endpoint_follows_the_entra_contract() {
     assert_aad_error(&json, "unsupported_grant_type", 70003);
 
     // HTTP Basic client authentication, and the correlation id echoed back.
-    let response = reqwest::Client::new()
+    let response = http()
         .post(idp.token_url(TENANT))
         .basic_auth("app-a", Some("wrong"))
         .header("client-request-id", "c0ffee00-0000-4000-8000-000000000001")
@@ -326,7 +107,7 @@ async fn token_endpoint_follows_the_entra_contract() {
         json["correlation_id"],
         "c0ffee00-0000-4000-8000-000000000001"
     );
-    let response = reqwest::Client::new()
+    let response = http()
         .post(idp.token_url(TENANT))
         .basic_auth("app-a", Some("secret-a"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -347,7 +128,7 @@ async fn token_endpoint_follows_the_entra_contract() {
     assert!(description.contains("client secret keys for app 'app-a' are expired"));
 
     idp.set_down(true);
-    let response = reqwest::Client::new()
+    let response = http()
         .post(idp.token_url(TENANT))
         .body(form_body(&client_credentials("app-a", "secret-a")))
         .send()
