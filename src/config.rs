@@ -35,6 +35,35 @@ pub struct Config {
     pub limits: crate::pipeline::Limits,
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub mailboxes: Vec<MailboxConfig>,
+    /// The AES-256 key that encrypts stored refresh tokens (required with delegated credentials).
+    pub token_key: Option<TokenKey>,
+}
+
+/// 32 bytes, never printed.
+#[derive(Clone)]
+pub struct TokenKey(pub [u8; 32]);
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey([redacted])")
+    }
+}
+
+impl TokenKey {
+    /// 64 hex digits or standard base64 of 32 bytes.
+    pub fn parse(text: &str) -> Option<TokenKey> {
+        use base64::Engine as _;
+        let text = text.trim();
+        let mut key = [0u8; 32];
+        if hex::decode_to_slice(text, &mut key).is_ok() {
+            return Some(TokenKey(key));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?;
+        key.copy_from_slice(bytes.get(..32).filter(|_| bytes.len() == 32)?);
+        Some(TokenKey(key))
+    }
 }
 
 /// Network and batching limits for IMAP sessions.
@@ -45,6 +74,8 @@ pub struct ImapTuning {
     pub io_timeout: Duration,
     pub batch_max_messages: usize,
     pub batch_max_bytes: u64,
+    /// IMAP sessions open at once across all mailboxes (servers and tenants throttle).
+    pub max_sessions: usize,
 }
 
 impl Default for ImapTuning {
@@ -54,6 +85,7 @@ impl Default for ImapTuning {
             io_timeout: Duration::from_secs(120),
             batch_max_messages: 100,
             batch_max_bytes: 32 * 1024 * 1024,
+            max_sessions: 16,
         }
     }
 }
@@ -63,6 +95,25 @@ pub enum CredentialConfig {
     /// Microsoft Entra ID app-only access (client credentials grant, `IMAP.AccessAsApp`)
     /// authenticated with a client secret.
     EntraAppSecret(EntraAppSecret),
+    /// The same, authenticated with a certificate (a signed client assertion).
+    EntraAppCertificate(EntraAppCertificate),
+    /// A user's delegated access: Entra (`IMAP.AccessAsUser.All` + `offline_access`) or any
+    /// OAuth2 provider, logged in once with `mailintake auth login`, then refresh tokens.
+    Delegated(DelegatedConfig),
+    /// Plain IMAP LOGIN / AUTHENTICATE PLAIN, for on-premises servers.
+    Password(PasswordConfig),
+}
+
+impl CredentialConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialConfig::EntraAppSecret(_) => "entra-app-secret",
+            CredentialConfig::EntraAppCertificate(_) => "entra-app-certificate",
+            CredentialConfig::Delegated(d) if d.entra.is_some() => "entra-delegated",
+            CredentialConfig::Delegated(_) => "oauth2",
+            CredentialConfig::Password(_) => "password",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,18 +122,112 @@ pub struct EntraAppSecret {
     pub tenant_id: String,
     pub client_id: String,
     pub client_secret: Secret,
+    /// The expiry date the portal showed when the secret was created, if configured.
+    pub secret_expires: Option<chrono::NaiveDate>,
     pub scope: String,
 }
 
 impl EntraAppSecret {
     /// `{authority}/{tenant}/oauth2/v2.0/token`
     pub fn token_url(&self) -> String {
-        format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.authority.trim_end_matches('/'),
-            self.tenant_id
-        )
+        entra_url(&self.authority, &self.tenant_id, "token")
     }
+}
+
+/// `{authority}/{tenant}/oauth2/v2.0/{endpoint}`
+pub fn entra_url(authority: &str, tenant: &str, endpoint: &str) -> String {
+    format!(
+        "{}/{}/oauth2/v2.0/{endpoint}",
+        authority.trim_end_matches('/'),
+        tenant
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct EntraAppCertificate {
+    pub authority: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub scope: String,
+    pub certificate: AppCertificate,
+}
+
+impl EntraAppCertificate {
+    pub fn token_url(&self) -> String {
+        entra_url(&self.authority, &self.tenant_id, "token")
+    }
+}
+
+/// A certificate and its private key, loaded and checked at configuration time.
+#[derive(Clone)]
+pub struct AppCertificate {
+    pub path: PathBuf,
+    /// base64url(SHA-256(DER)): the `x5t#S256` JWT header Entra matches the upload against.
+    pub x5t_s256: String,
+    pub subject: String,
+    pub not_after: chrono::DateTime<chrono::Utc>,
+    /// PKCS#8 PEM of the private key.
+    pub private_key_pem: Secret,
+}
+
+impl fmt::Debug for AppCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppCertificate")
+            .field("path", &self.path)
+            .field("x5t_s256", &self.x5t_s256)
+            .field("subject", &self.subject)
+            .field("not_after", &self.not_after)
+            .field("private_key_pem", &self.private_key_pem)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthSasl {
+    XOAuth2,
+    OAuthBearer,
+}
+
+#[derive(Debug, Clone)]
+pub struct EntraTenant {
+    pub authority: String,
+    pub tenant_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DelegatedConfig {
+    /// Set for `entra-delegated` (Entra's URLs and error codes); None for a generic provider.
+    pub entra: Option<EntraTenant>,
+    pub authorization_url: String,
+    pub token_url: String,
+    pub device_authorization_url: Option<String>,
+    pub client_id: String,
+    /// Only for confidential (web) app registrations.
+    pub client_secret: Option<Secret>,
+    pub scopes: Vec<String>,
+    pub pkce: bool,
+    pub redirect_uri: String,
+    pub sasl: OAuthSasl,
+}
+
+pub const DEFAULT_REDIRECT_URI: &str = "http://localhost:3017/";
+pub const DEFAULT_DELEGATED_SCOPES: [&str; 2] = [
+    "https://outlook.office.com/IMAP.AccessAsUser.All",
+    "offline_access",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordMechanism {
+    Plain,
+    Login,
+}
+
+#[derive(Debug, Clone)]
+pub struct PasswordConfig {
+    /// The login name; the mailbox address when not set.
+    pub username: Option<String>,
+    pub password: Secret,
+    pub mechanism: PasswordMechanism,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +350,8 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    secrets: RawSecrets,
+    #[serde(default)]
     credentials: BTreeMap<String, Spanned<RawCredential>>,
     #[serde(default)]
     mailbox: Vec<Spanned<RawMailbox>>,
@@ -217,6 +364,7 @@ struct RawImap {
     io_timeout_secs: Option<u64>,
     batch_max_messages: Option<usize>,
     batch_max_bytes: Option<u64>,
+    max_sessions: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -233,6 +381,14 @@ struct RawLimits {
     max_attempts: Option<u32>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    token_key_env: Option<Spanned<String>>,
+    token_key_file: Option<Spanned<String>>,
+    token_key_credential: Option<Spanned<String>>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCredential {
@@ -243,7 +399,23 @@ struct RawCredential {
     client_secret_env: Option<Spanned<String>>,
     client_secret_file: Option<Spanned<String>>,
     client_secret_credential: Option<Spanned<String>>,
+    client_secret_expires: Option<Spanned<String>>,
     scope: Option<Spanned<String>>,
+    certificate_file: Option<Spanned<String>>,
+    certificate_password_env: Option<Spanned<String>>,
+    certificate_password_file: Option<Spanned<String>>,
+    redirect_uri: Option<Spanned<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
+    authorization_url: Option<Spanned<String>>,
+    token_url: Option<Spanned<String>>,
+    device_authorization_url: Option<Spanned<String>>,
+    pkce: Option<Spanned<bool>>,
+    sasl: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    password_credential: Option<Spanned<String>>,
+    mechanism: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -409,6 +581,11 @@ impl Validator<'_> {
                 .batch_max_bytes
                 .unwrap_or(defaults.batch_max_bytes)
                 .max(1),
+            max_sessions: raw
+                .imap
+                .max_sessions
+                .unwrap_or(defaults.max_sessions)
+                .max(1),
         };
 
         let numbering = crate::registry::numbers::Numbering {
@@ -473,6 +650,47 @@ impl Validator<'_> {
                 credentials.insert(name.clone(), c);
             }
         }
+        let secrets_table = &raw.secrets;
+        let token_key = match self.secret_source(
+            "secrets.token_key",
+            [
+                &secrets_table.token_key_env,
+                &secrets_table.token_key_file,
+                &secrets_table.token_key_credential,
+            ],
+            &Spanned::new(0..0, ()),
+            env,
+            false,
+            "the 32-byte token key (64 hex digits; `mailintake auth new-key`)",
+        ) {
+            Some(Some(text)) => match TokenKey::parse(text.expose()) {
+                Some(k) => Some(k),
+                None => {
+                    self.problems.push(Problem {
+                        line: None,
+                        key: "secrets.token_key_*".into(),
+                        problem: "is not 32 bytes as 64 hex digits or base64".into(),
+                        fix: "create one with `mailintake auth new-key > /etc/mailintake/token.key` (mode 0600)".into(),
+                    });
+                    None
+                }
+            },
+            _ => None,
+        };
+        let delegated: Vec<&String> = credentials
+            .iter()
+            .filter(|(_, c)| matches!(c, CredentialConfig::Delegated(_)))
+            .map(|(n, _)| n)
+            .collect();
+        if token_key.is_none() && !delegated.is_empty() {
+            self.problems.push(Problem {
+                line: None,
+                key: "secrets.token_key_*".into(),
+                problem: format!("credentials {delegated:?} keep refresh tokens, which are stored encrypted, but no token key is configured"),
+                fix: "add [secrets] with token_key_file = \"/etc/mailintake/token.key\" (created by `mailintake auth new-key`), token_key_env or token_key_credential".into(),
+            });
+        }
+
         let mut mailboxes = Vec::new();
         let mut ids = BTreeSet::new();
         for mb in &raw.mailbox {
@@ -507,6 +725,7 @@ impl Validator<'_> {
             limits,
             credentials,
             mailboxes,
+            token_key,
         }
     }
 
@@ -518,51 +737,429 @@ impl Validator<'_> {
     ) -> Option<CredentialConfig> {
         let c = cred.get_ref();
         let key = |k: &str| format!("credentials.{name}.{k}");
-        match c.kind.get_ref().as_str() {
-            "entra-app-secret" => {
-                let tenant_id = self.required(&c.tenant_id, cred, key("tenant_id"), "the Directory (tenant) ID from the app registration's Overview page in the Entra admin center");
-                let client_id = self.required(
-                    &c.client_id,
-                    cred,
-                    key("client_id"),
-                    "the Application (client) ID from the app registration's Overview page",
-                );
-                let client_secret = self.secret(name, c, cred, env);
-                let authority = c
-                    .authority
-                    .as_ref()
-                    .map(|a| a.get_ref().trim_end_matches('/').to_owned())
-                    .unwrap_or_else(|| DEFAULT_AUTHORITY.to_owned());
-                if !(authority.starts_with("https://")
-                    || authority.starts_with("http://127.")
-                    || authority.starts_with("http://localhost"))
-                {
-                    self.problem(
-                        c.authority.as_ref(),
-                        key("authority"),
-                        format!("authority {authority:?} is not an https:// URL"),
-                        "use https://login.microsoftonline.com (public cloud) or your sovereign cloud's login URL",
-                    );
-                }
-                let scope = c
-                    .scope
-                    .as_ref()
-                    .map(|s| s.get_ref().clone())
-                    .unwrap_or_else(|| DEFAULT_APP_SCOPE.to_owned());
-                Some(CredentialConfig::EntraAppSecret(EntraAppSecret {
-                    authority,
-                    tenant_id: tenant_id?,
-                    client_id: client_id?,
-                    client_secret: client_secret?,
-                    scope,
-                }))
-            }
+        let kind = c.kind.get_ref().as_str();
+        // Keys that mean nothing for this kind are mistakes, not silently ignored settings.
+        let allowed: &[&str] = match kind {
+            "entra-app-secret" => &[
+                "authority",
+                "tenant_id",
+                "client_id",
+                "client_secret_*",
+                "client_secret_expires",
+                "scope",
+            ],
+            "entra-app-certificate" => &[
+                "authority",
+                "tenant_id",
+                "client_id",
+                "certificate_file",
+                "certificate_password_*",
+                "scope",
+            ],
+            "entra-delegated" => &[
+                "authority",
+                "tenant_id",
+                "client_id",
+                "client_secret_*",
+                "redirect_uri",
+                "scopes",
+            ],
+            "oauth2" => &[
+                "authorization_url",
+                "token_url",
+                "device_authorization_url",
+                "client_id",
+                "client_secret_*",
+                "scopes",
+                "pkce",
+                "redirect_uri",
+                "sasl",
+            ],
+            "password" => &["username", "password_*", "mechanism"],
             other => {
                 self.problem(
                     Some(&c.kind),
                     key("kind"),
                     format!("unknown credential kind {other:?}"),
-                    "use kind = \"entra-app-secret\" (Microsoft Entra ID app-only access with a client secret)",
+                    "use \"entra-app-secret\", \"entra-app-certificate\", \"entra-delegated\", \"oauth2\" or \"password\"",
+                );
+                return None;
+            }
+        };
+        let present: [(&str, Option<usize>); 23] = [
+            (
+                "authority",
+                c.authority.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "tenant_id",
+                c.tenant_id.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "client_id",
+                c.client_id.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "client_secret_*",
+                c.client_secret_env.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "client_secret_*",
+                c.client_secret_file.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "client_secret_*",
+                c.client_secret_credential
+                    .as_ref()
+                    .and_then(|v| self.line_of(v)),
+            ),
+            (
+                "client_secret_expires",
+                c.client_secret_expires
+                    .as_ref()
+                    .and_then(|v| self.line_of(v)),
+            ),
+            ("scope", c.scope.as_ref().and_then(|v| self.line_of(v))),
+            (
+                "certificate_file",
+                c.certificate_file.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "certificate_password_*",
+                c.certificate_password_env
+                    .as_ref()
+                    .and_then(|v| self.line_of(v)),
+            ),
+            (
+                "certificate_password_*",
+                c.certificate_password_file
+                    .as_ref()
+                    .and_then(|v| self.line_of(v)),
+            ),
+            (
+                "redirect_uri",
+                c.redirect_uri.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            ("scopes", c.scopes.as_ref().and_then(|v| self.line_of(v))),
+            (
+                "authorization_url",
+                c.authorization_url.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "token_url",
+                c.token_url.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "device_authorization_url",
+                c.device_authorization_url
+                    .as_ref()
+                    .and_then(|v| self.line_of(v)),
+            ),
+            ("pkce", c.pkce.as_ref().and_then(|v| self.line_of(v))),
+            ("sasl", c.sasl.as_ref().and_then(|v| self.line_of(v))),
+            (
+                "username",
+                c.username.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "password_*",
+                c.password_env.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "password_*",
+                c.password_file.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "password_*",
+                c.password_credential.as_ref().and_then(|v| self.line_of(v)),
+            ),
+            (
+                "mechanism",
+                c.mechanism.as_ref().and_then(|v| self.line_of(v)),
+            ),
+        ];
+        let mut misplaced = false;
+        for (field, line) in present {
+            if let Some(line) = line
+                && !allowed.contains(&field)
+            {
+                self.problems.push(Problem {
+                    line: Some(line),
+                    key: key(field),
+                    problem: format!("does not apply to kind = {kind:?}"),
+                    fix: format!("remove it; kind {kind:?} takes: {}", allowed.join(", ")),
+                });
+                misplaced = true;
+            }
+        }
+        let authority = || {
+            c.authority
+                .as_ref()
+                .map(|a| a.get_ref().trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| DEFAULT_AUTHORITY.to_owned())
+        };
+        let tenant_what = "the Directory (tenant) ID from the app registration's Overview page in the Entra admin center";
+        let client_what = "the Application (client) ID from the app registration's Overview page";
+        let result = match kind {
+            "entra-app-secret" => {
+                let tenant_id = self.required(&c.tenant_id, cred, key("tenant_id"), tenant_what);
+                let client_id = self.required(&c.client_id, cred, key("client_id"), client_what);
+                let client_secret = self.secret_source(
+                    &format!("credentials.{name}.client_secret"),
+                    [
+                        &c.client_secret_env,
+                        &c.client_secret_file,
+                        &c.client_secret_credential,
+                    ],
+                    cred,
+                    env,
+                    true,
+                    "the client secret's Value (not its Secret ID)",
+                );
+                let secret_expires =
+                    self.date(&c.client_secret_expires, key("client_secret_expires"));
+                let authority = self.authority(authority(), c, &key("authority"));
+                CredentialConfig::EntraAppSecret(EntraAppSecret {
+                    authority,
+                    tenant_id: tenant_id?,
+                    client_id: client_id?,
+                    client_secret: client_secret??,
+                    secret_expires,
+                    scope: c
+                        .scope
+                        .as_ref()
+                        .map(|s| s.get_ref().clone())
+                        .unwrap_or_else(|| DEFAULT_APP_SCOPE.to_owned()),
+                })
+            }
+            "entra-app-certificate" => {
+                let tenant_id = self.required(&c.tenant_id, cred, key("tenant_id"), tenant_what);
+                let client_id = self.required(&c.client_id, cred, key("client_id"), client_what);
+                let password = self.secret_source(
+                    &format!("credentials.{name}.certificate_password"),
+                    [
+                        &c.certificate_password_env,
+                        &c.certificate_password_file,
+                        &None,
+                    ],
+                    cred,
+                    env,
+                    false,
+                    "the PKCS#12 file's password",
+                );
+                let certificate = match &c.certificate_file {
+                    None => {
+                        self.problems.push(Problem {
+                            line: self.line_of(cred),
+                            key: key("certificate_file"),
+                            problem: "is missing".into(),
+                            fix: "point it at a PEM file holding the certificate and its private key, or at a .pfx/.p12 file".into(),
+                        });
+                        None
+                    }
+                    Some(file) => {
+                        let path = self.path(file.get_ref());
+                        match load_certificate(&path, password.flatten().as_ref()) {
+                            Ok(cert) => Some(cert),
+                            Err(problem) => {
+                                self.problem(
+                                    Some(file),
+                                    key("certificate_file"),
+                                    problem,
+                                    "use the PEM (certificate + unencrypted private key) or PKCS#12 whose public part was uploaded under Certificates & secrets",
+                                );
+                                None
+                            }
+                        }
+                    }
+                };
+                let authority = self.authority(authority(), c, &key("authority"));
+                CredentialConfig::EntraAppCertificate(EntraAppCertificate {
+                    authority,
+                    tenant_id: tenant_id?,
+                    client_id: client_id?,
+                    scope: c
+                        .scope
+                        .as_ref()
+                        .map(|s| s.get_ref().clone())
+                        .unwrap_or_else(|| DEFAULT_APP_SCOPE.to_owned()),
+                    certificate: certificate?,
+                })
+            }
+            "entra-delegated" | "oauth2" => {
+                let client_id = self.required(&c.client_id, cred, key("client_id"), client_what);
+                let client_secret = self.secret_source(
+                    &format!("credentials.{name}.client_secret"),
+                    [
+                        &c.client_secret_env,
+                        &c.client_secret_file,
+                        &c.client_secret_credential,
+                    ],
+                    cred,
+                    env,
+                    false,
+                    "the client secret (only for a confidential app registration)",
+                );
+                let redirect_uri = c
+                    .redirect_uri
+                    .as_ref()
+                    .map(|r| r.get_ref().clone())
+                    .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
+                if !(redirect_uri.starts_with("http://localhost:")
+                    || redirect_uri.starts_with("http://127.0.0.1:"))
+                {
+                    self.problem(
+                        c.redirect_uri.as_ref(),
+                        key("redirect_uri"),
+                        format!("{redirect_uri:?} is not a loopback http:// URL with a port"),
+                        "use e.g. http://localhost:3017/ and register exactly that as a redirect URI of the app",
+                    );
+                }
+                let scopes = c.scopes.as_ref().map(|s| s.get_ref().clone());
+                let (entra, authorization_url, token_url, device_url, scopes, pkce, sasl) = if kind
+                    == "entra-delegated"
+                {
+                    let tenant_id = self.required(
+                        &c.tenant_id,
+                        cred,
+                        key("tenant_id"),
+                        "the Directory (tenant) ID, or \"organizations\"",
+                    );
+                    let authority = self.authority(authority(), c, &key("authority"));
+                    let tenant = tenant_id?;
+                    (
+                        Some(EntraTenant {
+                            authority: authority.clone(),
+                            tenant_id: tenant.clone(),
+                        }),
+                        entra_url(&authority, &tenant, "authorize"),
+                        entra_url(&authority, &tenant, "token"),
+                        Some(entra_url(&authority, &tenant, "devicecode")),
+                        scopes.unwrap_or_else(|| {
+                            DEFAULT_DELEGATED_SCOPES
+                                .iter()
+                                .map(|s| s.to_string())
+                                .collect()
+                        }),
+                        true,
+                        OAuthSasl::XOAuth2,
+                    )
+                } else {
+                    let auth = self.required(
+                        &c.authorization_url,
+                        cred,
+                        key("authorization_url"),
+                        "the provider's authorization endpoint URL",
+                    );
+                    let token = self.required(
+                        &c.token_url,
+                        cred,
+                        key("token_url"),
+                        "the provider's token endpoint URL",
+                    );
+                    let sasl = match c.sasl.as_ref().map(|s| s.get_ref().as_str()) {
+                        None | Some("xoauth2") => OAuthSasl::XOAuth2,
+                        Some("oauthbearer") => OAuthSasl::OAuthBearer,
+                        Some(other) => {
+                            self.problem(
+                                c.sasl.as_ref(),
+                                key("sasl"),
+                                format!("unknown SASL mechanism {other:?}"),
+                                "use \"xoauth2\" or \"oauthbearer\"",
+                            );
+                            OAuthSasl::XOAuth2
+                        }
+                    };
+                    if scopes.as_ref().is_none_or(|s| s.is_empty()) {
+                        self.problems.push(Problem {
+                            line: self.line_of(cred),
+                            key: key("scopes"),
+                            problem: "is missing or empty".into(),
+                            fix: "list the scopes the provider needs for IMAP, e.g. [\"https://mail.google.com/\"]".into(),
+                        });
+                    }
+                    (
+                        None,
+                        auth?,
+                        token?,
+                        c.device_authorization_url
+                            .as_ref()
+                            .map(|d| d.get_ref().clone()),
+                        scopes.unwrap_or_default(),
+                        c.pkce.as_ref().is_none_or(|p| *p.get_ref()),
+                        sasl,
+                    )
+                };
+                CredentialConfig::Delegated(DelegatedConfig {
+                    entra,
+                    authorization_url,
+                    token_url,
+                    device_authorization_url: device_url,
+                    client_id: client_id?,
+                    client_secret: client_secret?,
+                    scopes,
+                    pkce,
+                    redirect_uri,
+                    sasl,
+                })
+            }
+            _ => {
+                let password = self.secret_source(
+                    &format!("credentials.{name}.password"),
+                    [&c.password_env, &c.password_file, &c.password_credential],
+                    cred,
+                    env,
+                    true,
+                    "the mailbox password",
+                );
+                let mechanism = match c.mechanism.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("plain") => PasswordMechanism::Plain,
+                    Some("login") => PasswordMechanism::Login,
+                    Some(other) => {
+                        self.problem(
+                            c.mechanism.as_ref(),
+                            key("mechanism"),
+                            format!("unknown mechanism {other:?}"),
+                            "use \"plain\" (AUTHENTICATE PLAIN) or \"login\" (IMAP LOGIN)",
+                        );
+                        PasswordMechanism::Plain
+                    }
+                };
+                CredentialConfig::Password(PasswordConfig {
+                    username: c.username.as_ref().map(|u| u.get_ref().clone()),
+                    password: password??,
+                    mechanism,
+                })
+            }
+        };
+        (!misplaced).then_some(result)
+    }
+
+    fn authority(&mut self, authority: String, c: &RawCredential, key: &str) -> String {
+        if !(authority.starts_with("https://")
+            || authority.starts_with("http://127.")
+            || authority.starts_with("http://localhost"))
+        {
+            self.problem(
+                c.authority.as_ref(),
+                key.to_owned(),
+                format!("authority {authority:?} is not an https:// URL"),
+                "use https://login.microsoftonline.com (public cloud) or your sovereign cloud's login URL",
+            );
+        }
+        authority
+    }
+
+    fn date(&mut self, value: &Option<Spanned<String>>, key: String) -> Option<chrono::NaiveDate> {
+        let v = value.as_ref()?;
+        match chrono::NaiveDate::parse_from_str(v.get_ref().trim(), "%Y-%m-%d") {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    Some(v),
+                    key,
+                    format!("{:?} is not a date: {e}", v.get_ref()),
+                    "write it as YYYY-MM-DD, e.g. \"2027-03-31\"",
                 );
                 None
             }
@@ -594,77 +1191,75 @@ impl Validator<'_> {
         }
     }
 
-    fn secret(
+    /// Resolves a secret given as `<prefix>_env`, `<prefix>_file` or `<prefix>_credential`.
+    /// Outer None: a problem was reported. Inner None: not configured (and not required).
+    fn secret_source<T>(
         &mut self,
-        name: &str,
-        c: &RawCredential,
-        table: &Spanned<RawCredential>,
+        prefix: &str,
+        [env_var, file, credential]: [&Option<Spanned<String>>; 3],
+        table: &Spanned<T>,
         env: &dyn SecretEnv,
-    ) -> Option<Secret> {
-        let sources = [
-            c.client_secret_env.is_some(),
-            c.client_secret_file.is_some(),
-            c.client_secret_credential.is_some(),
-        ]
-        .iter()
-        .filter(|s| **s)
-        .count();
-        let key = format!("credentials.{name}.client_secret_*");
+        required: bool,
+        what: &str,
+    ) -> Option<Option<Secret>> {
+        let sources = [env_var, file, credential]
+            .iter()
+            .filter(|s| s.is_some())
+            .count();
+        if sources == 0 && !required {
+            return Some(None);
+        }
         if sources != 1 {
-            self.problem(
-                Some(table),
-                key,
-                format!("needs exactly one secret source, found {sources}"),
-                "set one of client_secret_env = \"VAR\", client_secret_file = \"/path\" or client_secret_credential = \"name\" (systemd LoadCredential=); secrets are never written into this file",
-            );
+            self.problems.push(Problem {
+                line: self.line_of(table),
+                key: format!("{prefix}_*"),
+                problem: format!("needs exactly one source, found {sources}"),
+                fix: format!("set one of {prefix}_env = \"VAR\", {prefix}_file = \"/path\" or {prefix}_credential = \"name\" (systemd LoadCredential=) holding {what}; secrets are never written into this file"),
+            });
             return None;
         }
-        if let Some(var) = &c.client_secret_env {
+        if let Some(var) = env_var {
             return match env.var(var.get_ref()).filter(|v| !v.trim().is_empty()) {
-                Some(v) => Some(Secret::new(v.trim().to_owned())),
+                Some(v) => Some(Some(Secret::new(v.trim().to_owned()))),
                 None => {
                     self.problem(
                         Some(var),
-                        format!("credentials.{name}.client_secret_env"),
+                        format!("{prefix}_env"),
                         format!("environment variable {} is not set or empty", var.get_ref()),
-                        "export the client secret's Value (not its Secret ID) in that variable for the service, e.g. with EnvironmentFile= in the systemd unit",
+                        &format!("export {what} in that variable for the service, e.g. with EnvironmentFile= in the systemd unit"),
                     );
                     None
                 }
             };
         }
-        let (spanned, path, key) = if let Some(file) = &c.client_secret_file {
-            (
-                file,
-                self.path(file.get_ref()),
-                format!("credentials.{name}.client_secret_file"),
-            )
-        } else if let Some(cred) = &c.client_secret_credential {
+        let (spanned, path, key) = if let Some(file) = file {
+            (file, self.path(file.get_ref()), format!("{prefix}_file"))
+        } else if let Some(cred) = credential {
             let Some(dir) = env.credentials_directory() else {
                 self.problem(
                     Some(cred),
-                    format!("credentials.{name}.client_secret_credential"),
+                    format!("{prefix}_credential"),
                     "CREDENTIALS_DIRECTORY is not set: the service was not started with systemd credentials".into(),
-                    "add LoadCredential=NAME:/path/to/secret to the unit, or use client_secret_file",
+                    &format!("add LoadCredential=NAME:/path/to/secret to the unit, or use {prefix}_file"),
                 );
                 return None;
             };
             (
                 cred,
                 dir.join(cred.get_ref()),
-                format!("credentials.{name}.client_secret_credential"),
+                format!("{prefix}_credential"),
             )
         } else {
             return None;
         };
         match std::fs::read_to_string(&path) {
-            Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_owned())),
+            Ok(s) if !s.trim().is_empty() => Some(Some(Secret::new(s.trim().to_owned()))),
             Ok(_) => {
                 self.problem(
                     Some(spanned),
                     key,
                     format!("secret file {} is empty", path.display()),
-                    "write the client secret's Value into that file (mode 0600, owned by the service user)",
+                    &format!("write {what} into that file (mode 0600, owned by the service user)"),
                 );
                 None
             }
@@ -856,6 +1451,70 @@ impl Validator<'_> {
             enabled: m.enabled,
         })
     }
+}
+
+/// Loads a certificate and its private key from PEM (both in one file) or PKCS#12.
+fn load_certificate(path: &Path, password: Option<&Secret>) -> Result<AppCertificate, String> {
+    use base64::Engine as _;
+    use openssl::pkcs12::Pkcs12;
+    use openssl::pkey::PKey;
+    use openssl::x509::X509;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (cert, key) = if bytes.starts_with(b"-----") || bytes.windows(5).any(|w| w == b"-----") {
+        let cert = X509::from_pem(&bytes)
+            .map_err(|e| format!("no PEM certificate in {}: {e}", path.display()))?;
+        let key = PKey::private_key_from_pem(&bytes).map_err(|e| {
+            format!(
+                "no (unencrypted) PEM private key in {}: {e}",
+                path.display()
+            )
+        })?;
+        (cert, key)
+    } else {
+        let p12 = Pkcs12::from_der(&bytes)
+            .map_err(|e| format!("{} is neither PEM nor PKCS#12: {e}", path.display()))?;
+        let parsed = p12
+            .parse2(password.map(Secret::expose).unwrap_or(""))
+            .map_err(|e| {
+                format!(
+                    "cannot open PKCS#12 {} (wrong certificate_password?): {e}",
+                    path.display()
+                )
+            })?;
+        match (parsed.cert, parsed.pkey) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                return Err(format!(
+                    "PKCS#12 {} lacks the certificate or its private key",
+                    path.display()
+                ));
+            }
+        }
+    };
+    let public_matches = cert
+        .public_key()
+        .map(|p| p.public_eq(&key))
+        .unwrap_or(false);
+    if !public_matches {
+        return Err("the private key does not belong to the certificate".into());
+    }
+    if key.rsa().is_err() {
+        return Err("the key is not RSA (Entra client assertions are signed with RS256)".into());
+    }
+    let der = cert.to_der().map_err(|e| e.to_string())?;
+    let digest = openssl::sha::sha256(&der);
+    let x5t_s256 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+    let subject = crate::x509::name(cert.subject_name());
+    let not_after =
+        crate::x509::to_chrono(cert.not_after()).ok_or("cannot read the certificate's expiry")?;
+    let pem = key.private_key_to_pem_pkcs8().map_err(|e| e.to_string())?;
+    Ok(AppCertificate {
+        path: path.to_owned(),
+        x5t_s256,
+        subject,
+        not_after,
+        private_key_pem: Secret::new(String::from_utf8_lossy(&pem).into_owned()),
+    })
 }
 
 fn is_loopback(host: &str) -> bool {

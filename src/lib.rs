@@ -15,3 +15,4 @@ pub mod raw_store;
 pub mod registry;
 pub mod scheduler;
 pub mod secret;
+pub mod x509;

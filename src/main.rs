@@ -45,6 +45,20 @@ enum Command {
     },
     /// Validate the configuration and exit (what the systemd unit runs before starting).
     CheckConfig,
+    /// Try each step of a login, timed (connect, tls, token, authenticate, select); on failure
+    /// the server's or identity platform's answer and what to do. Exit 0 only if all passed.
+    Check {
+        /// Only this mailbox id (default: every mailbox).
+        mailbox: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delegated sign-in, credential state, token key.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Look into the registry.
     Registry {
         #[command(subcommand)]
@@ -77,6 +91,22 @@ enum RegistryCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Sign in for a mailbox whose credential is delegated; stores the refresh token encrypted.
+    Login {
+        /// The mailbox id.
+        mailbox: String,
+        /// Device code flow (for servers without a browser) instead of the loopback redirect.
+        #[arg(long)]
+        device_code: bool,
+    },
+    /// Each credential's state and the expiries that are due (exit 1 if any needs attention).
+    Status,
+    /// Print a new random token key (64 hex digits) for [secrets] token_key_file.
+    NewKey,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum StatusArg {
     Registered,
@@ -86,23 +116,17 @@ enum StatusArg {
 const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILINTAKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    cli::logging::init(matches!(args.log_format, LogFormat::Json));
     mailintake::failpoint::init();
+    if let Command::Auth {
+        command: AuthCommand::NewKey,
+    } = args.command
+    {
+        println!("{}", cli::auth::new_key());
+        return ExitCode::SUCCESS;
+    }
     if let Command::CheckConfig = args.command {
         return match cli::check_config::run(&args.config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -159,6 +183,19 @@ fn main() -> ExitCode {
             .await
             .map(|()| true),
             Command::CheckConfig => Ok(true),
+            Command::Check { mailbox, json } => {
+                cli::check::run(&config, mailbox.as_deref(), json).await
+            }
+            Command::Auth { command } => match command {
+                AuthCommand::Login {
+                    mailbox,
+                    device_code,
+                } => cli::auth::login(&config, &mailbox, device_code)
+                    .await
+                    .map(|()| true),
+                AuthCommand::Status => cli::auth::status(&config).await,
+                AuthCommand::NewKey => Ok(true),
+            },
         }
     });
     match result {

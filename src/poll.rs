@@ -23,6 +23,8 @@ pub struct Context {
     pub config: Arc<Config>,
     pub credentials: Credentials,
     pub pipeline: Pipeline,
+    /// Bounds the IMAP sessions open at once (`[imap] max_sessions`).
+    pub sessions: Arc<tokio::sync::Semaphore>,
 }
 
 /// What one poll did.
@@ -111,6 +113,8 @@ pub async fn poll_mailbox(
     cancel: &CancellationToken,
 ) -> Result<PollReport, PollError> {
     let p = Poller { ctx, mb };
+    // Closed only on shutdown, which the caller handles; a closed semaphore means "go on".
+    let _permit = ctx.sessions.acquire().await.ok();
     let login = ctx
         .credentials
         .login(&mb.credential, &mb.address)

@@ -14,12 +14,40 @@ pub fn run(path: &Path) -> Result<(), crate::config::ConfigError> {
         crate::registry::redact_url(&config.database_url)
     );
     for (name, cred) in &config.credentials {
-        match cred {
-            CredentialConfig::EntraAppSecret(app) => println!(
-                "  credential {name}: Entra app-only (client secret), tenant {}, client {}",
-                app.tenant_id, app.client_id
+        let what = match cred {
+            CredentialConfig::EntraAppSecret(app) => format!(
+                "Entra app-only (client secret), tenant {}, client {}{}",
+                app.tenant_id,
+                app.client_id,
+                app.secret_expires
+                    .map(|d| format!(", secret expires {d}"))
+                    .unwrap_or_default()
             ),
-        }
+            CredentialConfig::EntraAppCertificate(app) => format!(
+                "Entra app-only (certificate {}, x5t#S256 {}, expires {}), tenant {}, client {}",
+                app.certificate.subject,
+                app.certificate.x5t_s256,
+                app.certificate.not_after.format("%Y-%m-%d"),
+                app.tenant_id,
+                app.client_id
+            ),
+            CredentialConfig::Delegated(d) => format!(
+                "{} delegated, client {}, scopes {:?}, redirect {}",
+                if d.entra.is_some() { "Entra" } else { "OAuth2" },
+                d.client_id,
+                d.scopes,
+                d.redirect_uri
+            ),
+            CredentialConfig::Password(p) => format!(
+                "password ({:?}){}",
+                p.mechanism,
+                p.username
+                    .as_ref()
+                    .map(|u| format!(", user {u}"))
+                    .unwrap_or_default()
+            ),
+        };
+        println!("  credential {name}: {what}");
     }
     for mb in &config.mailboxes {
         println!(

@@ -19,9 +19,17 @@ pub async fn context(config: Config) -> anyhow::Result<Context> {
     let registry = Registry::open(&config.database_url)
         .await?
         .with_numbering(config.numbering.clone());
-    let credentials = Credentials::from_config(&config)?;
+    let tokens = config
+        .token_key
+        .clone()
+        .map(|key| crate::credentials::TokenStore::new(registry.clone(), key));
+    let notices = crate::credentials::expiry::notices(&config, tokens.as_ref()).await;
+    crate::credentials::expiry::log_due(&notices);
+    let credentials = Credentials::from_config(&config, tokens)?;
     let limits = config.limits;
+    let sessions = Arc::new(tokio::sync::Semaphore::new(config.imap.max_sessions));
     Ok(Context {
+        sessions,
         config: Arc::new(config),
         credentials,
         pipeline: Pipeline {

@@ -11,8 +11,10 @@ use oauth2::{
 };
 use serde::{Deserialize, Serialize};
 
+use base64::Engine as _;
+
 use super::{CachedToken, CredentialError, refresh_margin};
-use crate::config::EntraAppSecret;
+use crate::config::{AppCertificate, EntraAppCertificate, EntraAppSecret};
 use crate::secret::Secret;
 
 /// Entra's error body: the RFC 6749 fields plus `error_codes` (the AADSTS numbers) and the
@@ -42,7 +44,7 @@ impl std::fmt::Display for EntraErrorResponse {
 
 impl oauth2::ErrorResponse for EntraErrorResponse {}
 
-type EntraClient = oauth2::Client<
+pub(super) type EntraClient = oauth2::Client<
     EntraErrorResponse,
     BasicTokenResponse,
     BasicTokenIntrospectionResponse,
@@ -55,98 +57,208 @@ type EntraClient = oauth2::Client<
     EndpointSet,
 >;
 
+/// How the app proves who it is.
+enum ClientAuth {
+    Secret,
+    Certificate(AppCertificate),
+}
+
 pub(super) struct EntraApp {
     credential: String,
+    client_id: String,
     token_url: String,
     scope: String,
+    auth: ClientAuth,
     client: EntraClient,
     http: oauth2::reqwest::Client,
 }
 
 impl EntraApp {
-    pub(super) fn new(
+    pub(super) fn with_secret(
         credential: &str,
         app: &EntraAppSecret,
         http: oauth2::reqwest::Client,
     ) -> Result<EntraApp, CredentialError> {
-        let token_url = app.token_url();
-        let url = TokenUrl::new(token_url.clone()).map_err(|e| CredentialError::Unavailable {
-            credential: credential.to_owned(),
-            url: token_url.clone(),
-            detail: format!("invalid token URL: {e}"),
-        })?;
-        let client = oauth2::Client::new(ClientId::new(app.client_id.clone()))
-            .set_client_secret(ClientSecret::new(app.client_secret.expose().to_owned()))
-            // Microsoft expects client_id/client_secret in the form body.
-            .set_auth_type(AuthType::RequestBody)
-            .set_token_uri(url);
+        let client = Self::client(credential, &app.client_id, &app.token_url())?
+            .set_client_secret(ClientSecret::new(app.client_secret.expose().to_owned()));
         Ok(EntraApp {
             credential: credential.to_owned(),
-            token_url,
+            client_id: app.client_id.clone(),
+            token_url: app.token_url(),
             scope: app.scope.clone(),
+            auth: ClientAuth::Secret,
             client,
             http,
         })
     }
 
-    pub(super) async fn request_token(&self) -> Result<CachedToken, CredentialError> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .exchange_client_credentials()
-            .add_scope(Scope::new(self.scope.clone()))
-            .request_async(&self.http)
-            .await;
-        match result {
-            Ok(response) => {
-                let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3599));
-                tracing::info!(
-                    credential = %self.credential,
-                    expires_in_s = lifetime.as_secs(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "access token issued"
-                );
-                Ok(CachedToken {
-                    token: Secret::new(response.access_token().secret().clone()),
-                    refresh_after: started + lifetime - refresh_margin(lifetime),
-                })
-            }
-            Err(RequestTokenError::ServerResponse(e)) => {
-                Err(CredentialError::Refused {
-                    credential: self.credential.clone(),
-                    code: e.error_codes.first().copied().or_else(|| {
-                        parse_aadsts(e.error_description.as_deref().unwrap_or_default())
-                    }),
-                    description: e
-                        .error_description
-                        .as_deref()
-                        .unwrap_or("(no description)")
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    error: e.error,
-                })
-            }
-            Err(RequestTokenError::Request(e)) => {
-                Err(self.unavailable(format!("request failed: {}", error_chain(&e))))
-            }
-            Err(RequestTokenError::Parse(e, body)) => {
-                let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-                Err(self.unavailable(format!(
-                    "answer is not an OAuth2 token response ({e}); body starts: {snippet:?}"
-                )))
-            }
-            Err(RequestTokenError::Other(detail)) => Err(self.unavailable(detail)),
-        }
+    pub(super) fn with_certificate(
+        credential: &str,
+        app: &EntraAppCertificate,
+        http: oauth2::reqwest::Client,
+    ) -> Result<EntraApp, CredentialError> {
+        Ok(EntraApp {
+            credential: credential.to_owned(),
+            client_id: app.client_id.clone(),
+            token_url: app.token_url(),
+            scope: app.scope.clone(),
+            auth: ClientAuth::Certificate(app.certificate.clone()),
+            client: Self::client(credential, &app.client_id, &app.token_url())?,
+            http,
+        })
     }
 
-    fn unavailable(&self, detail: String) -> CredentialError {
-        CredentialError::Unavailable {
-            credential: self.credential.clone(),
-            url: self.token_url.clone(),
-            detail,
-        }
+    fn client(
+        credential: &str,
+        client_id: &str,
+        token_url: &str,
+    ) -> Result<EntraClient, CredentialError> {
+        let url =
+            TokenUrl::new(token_url.to_owned()).map_err(|e| CredentialError::Unavailable {
+                credential: credential.to_owned(),
+                url: token_url.to_owned(),
+                detail: format!("invalid token URL: {e}"),
+            })?;
+        Ok(oauth2::Client::new(ClientId::new(client_id.to_owned()))
+            // Microsoft expects client_id (and a secret) in the form body.
+            .set_auth_type(AuthType::RequestBody)
+            .set_token_uri(url))
     }
+
+    pub(super) async fn request_token(&self) -> Result<CachedToken, CredentialError> {
+        let started = Instant::now();
+        let mut request = self
+            .client
+            .exchange_client_credentials()
+            .add_scope(Scope::new(self.scope.clone()));
+        if let ClientAuth::Certificate(cert) = &self.auth {
+            let assertion =
+                client_assertion(cert, &self.client_id, &self.token_url).map_err(|detail| {
+                    CredentialError::Assertion {
+                        credential: self.credential.clone(),
+                        detail,
+                    }
+                })?;
+            request = request
+                .add_extra_param(
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                )
+                .add_extra_param("client_assertion", assertion);
+        }
+        let result = request.request_async(&self.http).await;
+        token_result(&self.credential, &self.token_url, started, result)
+    }
+}
+
+/// Turns an oauth2 token response into our cache entry or a typed error.
+pub(super) fn token_result(
+    credential: &str,
+    token_url: &str,
+    started: Instant,
+    result: Result<
+        BasicTokenResponse,
+        RequestTokenError<oauth2::HttpClientError<oauth2::reqwest::Error>, EntraErrorResponse>,
+    >,
+) -> Result<CachedToken, CredentialError> {
+    let unavailable = |detail: String| CredentialError::Unavailable {
+        credential: credential.to_owned(),
+        url: token_url.to_owned(),
+        detail,
+    };
+    match result {
+        Ok(response) => {
+            let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3599));
+            tracing::info!(
+                credential = %credential,
+                expires_in_s = lifetime.as_secs(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "access token issued"
+            );
+            Ok(CachedToken {
+                token: Secret::new(response.access_token().secret().clone()),
+                refresh_token: response
+                    .refresh_token()
+                    .map(|r| Secret::new(r.secret().clone())),
+                refresh_after: started + lifetime - refresh_margin(lifetime),
+            })
+        }
+        // RFC 6749 §5.2/§4.1.2.1: the server is overloaded or failing, which says nothing
+        // about the credential.
+        Err(RequestTokenError::ServerResponse(e))
+            if matches!(e.error.as_str(), "temporarily_unavailable" | "server_error") =>
+        {
+            Err(unavailable(format!(
+                "the identity platform answered {}{}",
+                e.error,
+                e.error_description
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            )))
+        }
+        Err(RequestTokenError::ServerResponse(e)) => Err(refused(credential, e)),
+        Err(RequestTokenError::Request(e)) => {
+            Err(unavailable(format!("request failed: {}", error_chain(&e))))
+        }
+        Err(RequestTokenError::Parse(e, body)) => {
+            let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            Err(unavailable(format!(
+                "answer is not an OAuth2 token response ({e}); body starts: {snippet:?}"
+            )))
+        }
+        Err(RequestTokenError::Other(detail)) => Err(unavailable(detail)),
+    }
+}
+
+pub(super) fn refused(credential: &str, e: EntraErrorResponse) -> CredentialError {
+    CredentialError::Refused {
+        credential: credential.to_owned(),
+        code: e
+            .error_codes
+            .first()
+            .copied()
+            .or_else(|| parse_aadsts(e.error_description.as_deref().unwrap_or_default())),
+        description: e
+            .error_description
+            .as_deref()
+            .unwrap_or("(no description)")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        error: e.error,
+    }
+}
+
+/// An RS256 client assertion (RFC 7523) with the `x5t#S256` header Entra looks the certificate
+/// up by; valid for ten minutes.
+fn client_assertion(
+    cert: &AppCertificate,
+    client_id: &str,
+    token_url: &str,
+) -> Result<String, String> {
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::sign::Signer;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let now = chrono::Utc::now().timestamp();
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5t#S256": cert.x5t_s256});
+    let jti: [u8; 16] = rand::random();
+    let claims = serde_json::json!({
+        "aud": token_url, "iss": client_id, "sub": client_id, "jti": hex::encode(jti),
+        "nbf": now, "iat": now, "exp": now + 600,
+    });
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let key = PKey::private_key_from_pem(cert.private_key_pem.expose().as_bytes())
+        .map_err(|e| format!("private key of {}: {e}", cert.path.display()))?;
+    let mut signer = Signer::new(MessageDigest::sha256(), &key).map_err(|e| e.to_string())?;
+    signer.update(input.as_bytes()).map_err(|e| e.to_string())?;
+    let signature = signer.sign_to_vec().map_err(|e| e.to_string())?;
+    Ok(format!("{input}.{}", b64(&signature)))
 }
 
 /// `AADSTS7000215: …` → 7000215, for responses that omit `error_codes`.
@@ -156,7 +268,7 @@ fn parse_aadsts(description: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -10,7 +10,9 @@ pub mod uid_set;
 
 use std::time::Duration;
 
-pub use session::{Endpoint, Fetched, MailSession, Selected};
+pub use session::{
+    Endpoint, Fetched, MailSession, Opened, PeerCertificate, Selected, connect_tcp, establish,
+};
 
 /// Why an IMAP operation failed. Callers branch on [`ImapError::is_transient`] (retry later) and
 /// [`ImapError::AuthFailed`] (credentials are wrong: drop the cached token, tell an admin).

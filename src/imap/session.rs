@@ -48,24 +48,119 @@ pub struct MailSession {
     has_move: bool,
 }
 
-/// SASL XOAUTH2 initial response: `user=…^Aauth=Bearer …^A^A`. On failure the server sends a
-/// JSON challenge, answered with an empty response (RFC 7628 / Google's XOAUTH2 description).
-struct XOAuth2<'a> {
-    user: &'a str,
-    token: &'a str,
-    sent: bool,
+/// A one-step SASL exchange: our response to the first (empty) challenge; on failure the server
+/// may send an error challenge (XOAUTH2/OAUTHBEARER send JSON), answered with an empty response
+/// (RFC 7628), after which it sends the tagged NO.
+struct Sasl {
+    response: Option<String>,
 }
 
-impl Authenticator for XOAuth2<'_> {
+impl Sasl {
+    fn new(response: String) -> Sasl {
+        Sasl {
+            response: Some(response),
+        }
+    }
+}
+
+impl Authenticator for Sasl {
     type Response = Vec<u8>;
 
     fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        if self.sent {
-            return Vec::new();
-        }
-        self.sent = true;
-        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token).into_bytes()
+        self.response
+            .take()
+            .map(String::into_bytes)
+            .unwrap_or_default()
     }
+}
+
+/// A connection with the greeting read and TLS in place, not yet logged in.
+pub struct Opened {
+    client: async_imap::Client<ImapStream>,
+    host: String,
+    port: u16,
+    /// The server's certificate (None for plain loopback connections).
+    pub certificate: Option<PeerCertificate>,
+}
+
+/// What `check` shows of the server's certificate.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    pub subject: String,
+    pub issuer: String,
+    pub not_after: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn peer_certificate(stream: &ImapStream) -> Option<PeerCertificate> {
+    let ImapStream::Tls(tls) = stream else {
+        return None;
+    };
+    let der = tls.peer_certificate().ok()??.to_der().ok()?;
+    let cert = openssl::x509::X509::from_der(&der).ok()?;
+    Some(PeerCertificate {
+        subject: crate::x509::name(cert.subject_name()),
+        issuer: crate::x509::name(cert.issuer_name()),
+        not_after: crate::x509::to_chrono(cert.not_after()),
+    })
+}
+
+/// TCP to the server, under the connect timeout.
+pub async fn connect_tcp(ep: &Endpoint<'_>) -> Result<TcpStream, ImapError> {
+    let addr = format!("{}:{}", ep.host, ep.port);
+    let tcp = within(
+        "connect",
+        ep.connect_timeout,
+        TcpStream::connect((ep.host, ep.port)),
+        |source| ImapError::Connect {
+            addr: addr.clone(),
+            source,
+        },
+    )
+    .await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Greeting and TLS (implicit or STARTTLS) on a connected socket.
+pub async fn establish(ep: &Endpoint<'_>, tcp: TcpStream) -> Result<Opened, ImapError> {
+    let client = match ep.tls {
+        TlsMode::Implicit => {
+            let mut c = async_imap::Client::new(tls_wrap(ep, tcp).await?);
+            read_greeting(&mut c, ep.io_timeout).await?;
+            c
+        }
+        TlsMode::Plain => {
+            let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
+            read_greeting(&mut c, ep.io_timeout).await?;
+            c
+        }
+        TlsMode::StartTls => {
+            let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
+            read_greeting(&mut c, ep.io_timeout).await?;
+            within(
+                "STARTTLS",
+                ep.io_timeout,
+                c.run_command_and_check_ok("STARTTLS", None),
+                |e| ImapError::from_imap("STARTTLS", e),
+            )
+            .await?;
+            let ImapStream::Plain(tcp) = c.into_inner() else {
+                return Err(ImapError::Protocol {
+                    step: "STARTTLS",
+                    detail: "stream already encrypted".into(),
+                });
+            };
+            // Nothing from before TLS is trusted: a fresh client over the TLS stream.
+            async_imap::Client::new(tls_wrap(ep, tcp).await?)
+        }
+    };
+    let certificate = peer_certificate(client.get_ref());
+    Ok(Opened {
+        client,
+        host: ep.host.to_owned(),
+        port: ep.port,
+        certificate,
+    })
 }
 
 async fn within<T, E>(
@@ -138,71 +233,79 @@ async fn read_greeting(
 impl MailSession {
     /// Connects, reads the greeting, upgrades to TLS as configured and logs in.
     pub async fn connect(ep: &Endpoint<'_>, login: &SaslLogin) -> Result<MailSession, ImapError> {
-        let addr = format!("{}:{}", ep.host, ep.port);
-        let tcp = within(
-            "connect",
-            ep.connect_timeout,
-            TcpStream::connect((ep.host, ep.port)),
-            |source| ImapError::Connect {
-                addr: addr.clone(),
-                source,
-            },
-        )
-        .await?;
-        let _ = tcp.set_nodelay(true);
-        let client = match ep.tls {
-            TlsMode::Implicit => {
-                let mut c = async_imap::Client::new(tls_wrap(ep, tcp).await?);
-                read_greeting(&mut c, ep.io_timeout).await?;
-                c
-            }
-            TlsMode::Plain => {
-                let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
-                read_greeting(&mut c, ep.io_timeout).await?;
-                c
-            }
-            TlsMode::StartTls => {
-                let mut c = async_imap::Client::new(ImapStream::Plain(tcp));
-                read_greeting(&mut c, ep.io_timeout).await?;
-                within(
-                    "STARTTLS",
-                    ep.io_timeout,
-                    c.run_command_and_check_ok("STARTTLS", None),
-                    |e| ImapError::from_imap("STARTTLS", e),
+        let tcp = connect_tcp(ep).await?;
+        let opened = establish(ep, tcp).await?;
+        MailSession::login(opened, login, ep.io_timeout).await
+    }
+
+    /// Logs in on an established connection with the given SASL mechanism (or IMAP LOGIN).
+    pub async fn login(
+        opened: Opened,
+        login: &SaslLogin,
+        io_timeout: Duration,
+    ) -> Result<MailSession, ImapError> {
+        let client = opened.client;
+        let step = match login {
+            SaslLogin::XOAuth2 { .. } => "AUTHENTICATE XOAUTH2",
+            SaslLogin::OAuthBearer { .. } => "AUTHENTICATE OAUTHBEARER",
+            SaslLogin::Plain { .. } => "AUTHENTICATE PLAIN",
+            SaslLogin::Login { .. } => "LOGIN",
+        };
+        let attempt = match login {
+            SaslLogin::XOAuth2 { user, token } => {
+                let response = format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose());
+                timeout(
+                    io_timeout,
+                    client.authenticate("XOAUTH2", Sasl::new(response)),
                 )
-                .await?;
-                let ImapStream::Plain(tcp) = c.into_inner() else {
-                    return Err(ImapError::Protocol {
-                        step: "STARTTLS",
-                        detail: "stream already encrypted".into(),
-                    });
-                };
-                async_imap::Client::new(tls_wrap(ep, tcp).await?)
+                .await
+            }
+            SaslLogin::OAuthBearer { user, token } => {
+                let response = format!(
+                    "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
+                    // RFC 5801 saslname: "=" and "," escaped.
+                    user.replace('=', "=3D").replace(',', "=2C"),
+                    opened.host,
+                    opened.port,
+                    token.expose()
+                );
+                timeout(
+                    io_timeout,
+                    client.authenticate("OAUTHBEARER", Sasl::new(response)),
+                )
+                .await
+            }
+            SaslLogin::Plain { user, password } => {
+                let response = format!("\0{user}\0{}", password.expose());
+                timeout(
+                    io_timeout,
+                    client.authenticate("PLAIN", Sasl::new(response)),
+                )
+                .await
+            }
+            SaslLogin::Login { user, password } => {
+                timeout(io_timeout, client.login(user, password.expose())).await
             }
         };
-        // Nothing from before TLS may be trusted; nothing is buffered after a fresh client.
-        let session = match login {
-            SaslLogin::XOAuth2 { user, token } => {
-                let auth = XOAuth2 {
-                    user,
-                    token: token.expose(),
-                    sent: false,
-                };
-                match timeout(ep.io_timeout, client.authenticate("XOAUTH2", auth)).await {
-                    Err(_) => {
-                        return Err(ImapError::Timeout {
-                            step: "AUTHENTICATE XOAUTH2",
-                            after: ep.io_timeout,
-                        });
-                    }
-                    Ok(Ok(session)) => session,
-                    Ok(Err((e, _client))) => return Err(auth_error(user, e)),
-                }
+        let user = match login {
+            SaslLogin::XOAuth2 { user, .. }
+            | SaslLogin::OAuthBearer { user, .. }
+            | SaslLogin::Plain { user, .. }
+            | SaslLogin::Login { user, .. } => user,
+        };
+        let session = match attempt {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    step,
+                    after: io_timeout,
+                });
             }
+            Ok(Ok(session)) => session,
+            Ok(Err((e, _client))) => return Err(auth_error(user, e)),
         };
         let mut session = MailSession {
             session,
-            io_timeout: ep.io_timeout,
+            io_timeout,
             has_move: false,
         };
         let caps = within(

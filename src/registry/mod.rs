@@ -15,6 +15,9 @@ mod acks;
 pub mod numbers;
 mod records;
 mod sync;
+mod tokens;
+
+pub use tokens::TokenRow;
 
 use crate::parse::{Address, Submission};
 use crate::raw_store::Sha256Digest;

@@ -1,0 +1,339 @@
+//! Delegated access (Entra `IMAP.AccessAsUser.All` + `offline_access`, or any OAuth2 provider):
+//! one interactive login (authorization code + PKCE through a loopback redirect, or the device
+//! code flow), then refresh tokens, each rotated one stored encrypted in the same step.
+
+use std::time::{Duration, Instant};
+
+use oauth2::basic::{
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
+};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    DeviceAuthorizationUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet, PkceCodeChallenge,
+    RedirectUrl, RefreshToken, RequestTokenError, Scope, StandardDeviceAuthorizationResponse,
+    StandardRevocableToken, TokenUrl,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::entra::{EntraErrorResponse, error_chain, token_result};
+use super::{CachedToken, CredentialError, TokenStore, diagnose};
+use crate::config::{DelegatedConfig, OAuthSasl};
+
+type DelegatedClient = oauth2::Client<
+    EntraErrorResponse,
+    BasicTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointMaybeSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// How an interactive login talks to the person at the terminal.
+pub trait LoginPrompt: Send {
+    /// Open this URL in a browser (authorization code flow).
+    fn open_url(&mut self, url: &str);
+    /// Go to `verification_uri` and enter `user_code` (device code flow).
+    fn enter_code(&mut self, verification_uri: &str, user_code: &str);
+}
+
+/// How long an interactive login may wait for the person.
+const LOGIN_WAIT: Duration = Duration::from_secs(600);
+
+pub(super) struct Delegated {
+    credential: String,
+    cfg: DelegatedConfig,
+    client: DelegatedClient,
+    http: oauth2::reqwest::Client,
+    store: Option<TokenStore>,
+}
+
+impl Delegated {
+    pub(super) fn new(
+        credential: &str,
+        cfg: &DelegatedConfig,
+        http: oauth2::reqwest::Client,
+        store: Option<TokenStore>,
+    ) -> Result<Delegated, CredentialError> {
+        let bad = |what: &str, e: String| CredentialError::Login {
+            credential: credential.to_owned(),
+            detail: format!("invalid {what}: {e}"),
+        };
+        let mut client = oauth2::Client::new(ClientId::new(cfg.client_id.clone()))
+            .set_auth_type(AuthType::RequestBody)
+            .set_auth_uri(
+                AuthUrl::new(cfg.authorization_url.clone())
+                    .map_err(|e| bad("authorization URL", e.to_string()))?,
+            )
+            .set_token_uri(
+                TokenUrl::new(cfg.token_url.clone())
+                    .map_err(|e| bad("token URL", e.to_string()))?,
+            )
+            .set_device_authorization_url_option(
+                cfg.device_authorization_url
+                    .clone()
+                    .map(DeviceAuthorizationUrl::new)
+                    .transpose()
+                    .map_err(|e| bad("device authorization URL", e.to_string()))?,
+            )
+            .set_redirect_uri(
+                RedirectUrl::new(cfg.redirect_uri.clone())
+                    .map_err(|e| bad("redirect URI", e.to_string()))?,
+            );
+        if let Some(secret) = &cfg.client_secret {
+            client = client.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+        }
+        Ok(Delegated {
+            credential: credential.to_owned(),
+            cfg: cfg.clone(),
+            client,
+            http,
+            store,
+        })
+    }
+
+    pub(super) fn sasl(&self) -> OAuthSasl {
+        self.cfg.sasl
+    }
+
+    fn store(&self) -> Result<&TokenStore, CredentialError> {
+        self.store.as_ref().ok_or_else(|| CredentialError::Store {
+            credential: self.credential.clone(),
+            detail: "no token store (configure [secrets] token_key_*)".into(),
+        })
+    }
+
+    fn scopes(&self) -> impl Iterator<Item = Scope> + '_ {
+        self.cfg.scopes.iter().cloned().map(Scope::new)
+    }
+
+    /// A fresh access token from the stored refresh token; a rotated refresh token replaces the
+    /// stored one before the access token is handed out.
+    pub(super) async fn refresh(&self) -> Result<CachedToken, CredentialError> {
+        let store = self.store()?;
+        let stored =
+            store
+                .load(&self.credential)
+                .await?
+                .ok_or_else(|| CredentialError::NotLoggedIn {
+                    credential: self.credential.clone(),
+                })?;
+        let started = Instant::now();
+        let result = self
+            .client
+            .exchange_refresh_token(&RefreshToken::new(stored.refresh_token.expose().to_owned()))
+            .add_scopes(self.scopes())
+            .request_async(&self.http)
+            .await;
+        let fresh = token_result(&self.credential, &self.cfg.token_url, started, result)?;
+        match &fresh.refresh_token {
+            Some(rotated) => {
+                store.save(&self.credential, rotated.expose(), None).await?;
+                tracing::info!(credential = %self.credential, "refresh token rotated and stored");
+            }
+            None => store.touch(&self.credential).await?,
+        }
+        Ok(fresh)
+    }
+
+    async fn keep(&self, fresh: CachedToken, mailbox: &str) -> Result<String, CredentialError> {
+        let refresh = fresh.refresh_token.ok_or_else(|| CredentialError::Login {
+            credential: self.credential.clone(),
+            detail: "the provider issued no refresh token: include \"offline_access\" (or the provider's equivalent) in scopes".into(),
+        })?;
+        let account = diagnose::jwt_claims(fresh.token.expose())
+            .and_then(|c| {
+                ["upn", "unique_name", "preferred_username", "email"]
+                    .iter()
+                    .find_map(|k| c.get(*k).and_then(|v| v.as_str()).map(str::to_owned))
+            })
+            .unwrap_or_else(|| mailbox.to_owned());
+        self.store()?
+            .save(&self.credential, refresh.expose(), Some(&account))
+            .await?;
+        Ok(account)
+    }
+
+    /// Authorization code + PKCE: prints the URL to open, waits on the loopback redirect URI for
+    /// the code, exchanges it and stores the refresh token.
+    pub(super) async fn login_authorization_code(
+        &self,
+        mailbox: &str,
+        prompt: &mut dyn LoginPrompt,
+    ) -> Result<String, CredentialError> {
+        self.store()?;
+        let fail = |detail: String| CredentialError::Login {
+            credential: self.credential.clone(),
+            detail,
+        };
+        let redirect = oauth2::url::Url::parse(&self.cfg.redirect_uri)
+            .map_err(|e| fail(format!("redirect_uri: {e}")))?;
+        let port = redirect
+            .port_or_known_default()
+            .ok_or_else(|| fail("redirect_uri has no port".into()))?;
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.map_err(|e| {
+            fail(format!(
+                "cannot listen on 127.0.0.1:{port} for the redirect ({e}); is another login running, or is redirect_uri's port taken?"
+            ))
+        })?;
+        let mut request = self
+            .client
+            .authorize_url(CsrfToken::new_random)
+            .add_scopes(self.scopes())
+            .add_extra_param("login_hint", mailbox);
+        let verifier = if self.cfg.pkce {
+            let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+            request = request.set_pkce_challenge(challenge);
+            Some(verifier)
+        } else {
+            None
+        };
+        let (url, state) = request.url();
+        prompt.open_url(url.as_str());
+        let code = tokio::time::timeout(LOGIN_WAIT, wait_for_code(&listener, state.secret()))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "no sign-in arrived at {} within {} minutes",
+                    self.cfg.redirect_uri,
+                    LOGIN_WAIT.as_secs() / 60
+                ))
+            })??;
+        let mut exchange = self.client.exchange_code(AuthorizationCode::new(code));
+        if let Some(verifier) = verifier {
+            exchange = exchange.set_pkce_verifier(verifier);
+        }
+        let started = Instant::now();
+        let result = exchange.request_async(&self.http).await;
+        let fresh = token_result(&self.credential, &self.cfg.token_url, started, result)?;
+        self.keep(fresh, mailbox).await
+    }
+
+    /// Device code flow for servers without a browser: prints where to go and the code to enter,
+    /// polls until the person has signed in, stores the refresh token.
+    pub(super) async fn login_device_code(
+        &self,
+        mailbox: &str,
+        prompt: &mut dyn LoginPrompt,
+    ) -> Result<String, CredentialError> {
+        self.store()?;
+        let fail = |detail: String| CredentialError::Login {
+            credential: self.credential.clone(),
+            detail,
+        };
+        let request = self.client.exchange_device_code().map_err(|_| {
+            fail("this credential has no device_authorization_url; use the browser login (without --device-code)".into())
+        })?;
+        let details: StandardDeviceAuthorizationResponse = request
+            .add_scopes(self.scopes())
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(e) => super::entra::refused(&self.credential, e),
+                other => fail(format!(
+                    "device code request failed: {}",
+                    error_chain(&other)
+                )),
+            })?;
+        prompt.enter_code(
+            details.verification_uri().as_str(),
+            details.user_code().secret(),
+        );
+        let started = Instant::now();
+        let token = self
+            .client
+            .exchange_device_access_token(&details)
+            .request_async(&self.http, tokio::time::sleep, Some(LOGIN_WAIT))
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(e) => fail(format!(
+                    "the sign-in did not complete: {}{}",
+                    e.error(),
+                    e.error_description()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                )),
+                other => fail(format!(
+                    "device code polling failed: {}",
+                    error_chain(&other)
+                )),
+            })?;
+        let fresh = token_result(&self.credential, &self.cfg.token_url, started, Ok(token))?;
+        self.keep(fresh, mailbox).await
+    }
+}
+
+/// Serves the loopback redirect until a request carries `code` (and the right `state`).
+async fn wait_for_code(listener: &TcpListener, state: &str) -> Result<String, CredentialError> {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut buf = vec![0u8; 8192];
+        let mut len = 0;
+        while len < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf[len..])).await
+            {
+                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        let head = String::from_utf8_lossy(&buf[..len]);
+        let target = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("/");
+        let params: Vec<(String, String)> =
+            oauth2::url::Url::parse(&format!("http://localhost{target}"))
+                .map(|u| u.query_pairs().into_owned().collect())
+                .unwrap_or_default();
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let (status, body, outcome) = match (get("code"), get("error")) {
+            (Some(code), _) if get("state").as_deref() == Some(state) => (
+                "200 OK",
+                "Signed in. mailintake has what it needs; you can close this window.",
+                Some(Ok(code)),
+            ),
+            (Some(_), _) => (
+                "400 Bad Request",
+                "The sign-in answer does not belong to this login (state mismatch).",
+                None,
+            ),
+            (None, Some(error)) => {
+                let description = get("error_description").unwrap_or_default();
+                (
+                    "400 Bad Request",
+                    "The sign-in failed; see the terminal for details.",
+                    Some(Err(format!("{error}: {description}"))),
+                )
+            }
+            (None, None) => ("404 Not Found", "Not the sign-in redirect.", None),
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        match outcome {
+            Some(Ok(code)) => return Ok(code),
+            Some(Err(detail)) => {
+                return Err(CredentialError::Login {
+                    credential: String::new(),
+                    detail: format!("the identity platform answered the sign-in with {detail}"),
+                });
+            }
+            None => {}
+        }
+    }
+}
