@@ -28,6 +28,9 @@ pub struct MailboxSpec {
     pub schedule: Option<&'static str>,
     pub folder: &'static str,
     pub after_quarantine: Option<&'static str>,
+    /// Use this credential (defined in `Bed::credentials_toml`) instead of a generated
+    /// `entra-app-secret` one.
+    pub credential_name: Option<String>,
 }
 
 impl MailboxSpec {
@@ -48,6 +51,7 @@ impl MailboxSpec {
             schedule: None,
             folder: "INBOX",
             after_quarantine: None,
+            credential_name: None,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Bed {
     pub tables: String,
     /// Registry URL; default a SQLite file in the data dir.
     pub database: Option<String>,
+    /// Extra `[credentials.*]` / `[secrets]` tables, written as they are.
+    pub credentials_toml: String,
 }
 
 impl Bed {
@@ -83,7 +89,33 @@ impl Bed {
             imap_extra: String::new(),
             tables: String::new(),
             database: None,
+            credentials_toml: String::new(),
         }
+    }
+
+    /// Like [`Bed::start`], with Dovecot also accepting these plain-password users.
+    pub async fn start_with_passwords(passwords: &[(&str, &str)]) -> Bed {
+        let mut bed = Bed::start().await;
+        let options = mailintake_testbed::DovecotOptions {
+            token_validation_base: bed.idp.authority(),
+            passwords: passwords
+                .iter()
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+                .collect(),
+        };
+        bed.dovecot = Dovecot::start_with(options)
+            .await
+            .expect("dovecot with passwords");
+        bed
+    }
+
+    /// Writes a file in the bed's directory (mode 0600) and returns its path.
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -106,7 +138,9 @@ impl Bed {
             self.imap_extra,
             self.tables,
         );
-        for mb in mailboxes {
+        text.push_str(&self.credentials_toml);
+        text.push('\n');
+        for mb in mailboxes.iter().filter(|m| m.credential_name.is_none()) {
             let secret_file = self.dir.path().join(format!("{}.secret", mb.id));
             std::fs::write(&secret_file, format!("{}\n", mb.secret)).unwrap();
             text.push_str(&format!(
@@ -126,7 +160,8 @@ impl Bed {
             };
             text.push_str(&format!(
                 "\n[[mailbox]]\nid = \"{id}\"\naddress = \"{address}\"\nhost = \"{host}\"\nport = {port}\n\
-                 tls = \"{tls}\"\nafter = \"{after}\"\ncredential = \"{id}-app\"\n",
+                 tls = \"{tls}\"\nafter = \"{after}\"\ncredential = \"{credential}\"\n",
+                credential = mb.credential_name.clone().unwrap_or_else(|| format!("{}-app", mb.id)),
                 id = mb.id,
                 address = mb.address,
                 host = self.dovecot.host(),
