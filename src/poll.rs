@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AfterAction, Config, MailboxConfig};
@@ -205,91 +206,26 @@ async fn poll_session(
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
         let tuning = &p.ctx.config.imap;
-        for batch in batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes) {
-            if cancel.is_cancelled() {
-                report.interrupted = true;
-                break;
-            }
-            let fetched = session.fetch_raw(&batch).await.map_err(p.imap())?;
-            let fetched_at =
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            failpoint::hit("after-fetch");
-            let got: HashSet<u32> = fetched.iter().map(|f| f.uid).collect();
-            for uid in batch.iter().filter(|u| !got.contains(u)) {
-                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
-                report.vanished.push(*uid);
-            }
-            let middle = fetched.len() / 2;
-            for (index, msg) in fetched.into_iter().enumerate() {
-                if cancel.is_cancelled() {
-                    report.interrupted = true;
-                    break;
-                }
-                let uid = msg.uid;
-                let source = Source {
-                    origin: Origin::Imap(Location {
-                        mailbox_id: mb.id.clone(),
-                        folder: mb.folder.clone(),
-                        uidvalidity: selected.uidvalidity,
-                        uid,
-                    }),
-                    ack: ack_action(&mb.after),
-                    quarantine_ack: ack_action(&mb.after_quarantine),
-                    fetched_at: Some(fetched_at.clone()),
-                };
-                match ingest_one(&p.ctx.pipeline, msg.raw, &source).await {
-                    Ok(done) => {
-                        registered.insert(uid);
-                        match &done.outcome {
-                            Outcome::Registered { id, number } => {
-                                report.registered += 1;
-                                tracing::info!(
-                                    mailbox = %mb.id,
-                                    uid,
-                                    record = id,
-                                    number = %number,
-                                    raw_sha256 = %done.raw_sha256,
-                                    attachments = done.attachments,
-                                    "registered"
-                                );
-                            }
-                            Outcome::Quarantined { id } => {
-                                report.quarantined += 1;
-                                tracing::warn!(mailbox = %mb.id, uid, record = id, raw_sha256 = %done.raw_sha256, "quarantined");
-                            }
-                            Outcome::Linked { id, status } => {
-                                report.linked += 1;
-                                tracing::info!(mailbox = %mb.id, uid, record = id, status = status.as_str(), "same bytes recorded before: linked");
-                            }
-                            Outcome::AlreadyKnown { .. } => report.already_registered += 1,
-                        }
-                        if index == middle && batch.len() >= 3 {
-                            failpoint::hit("mid-batch");
-                        }
-                    }
-                    Err(e) if e.is_message_specific() => {
-                        tracing::error!(mailbox = %mb.id, uid, error = %e, "message not registered; left unacknowledged on the server");
-                        report.failed.push((uid, e.to_string()));
-                    }
-                    Err(e) => {
-                        // The run stops (disk full, database gone). What did commit is still
-                        // acknowledged if the server and database let us; if not, next run.
-                        if let Err(ack_error) = drain_acks(p, session, selected.uidvalidity).await {
-                            tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
-                        }
-                        return Err(PollError::Ingest {
-                            mailbox: mb.id.clone(),
-                            source: e,
-                        });
-                    }
-                }
-            }
-            // Acknowledge what this batch committed before fetching the next one.
-            report.acked += drain_acks(p, session, selected.uidvalidity).await?;
-            if report.interrupted {
-                break;
-            }
-        }
+        let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
+        // The next batch is fetched while this one is processed; at most one waits in between,
+        // so memory stays bounded by two batches. Acknowledgements go through the fetcher (it
+        // owns the session) and are done before the next batch is handed over.
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (ack_tx, ack_rx) = mpsc::channel(1);
+        let uidvalidity = selected.uidvalidity;
+        let fetcher = fetch_batches(p, session, plan, batch_tx, ack_rx, uidvalidity, cancel);
+        let processor = process_batches(
+            p,
+            batch_rx,
+            ack_tx,
+            uidvalidity,
+            &mut report,
+            &mut registered,
+            cancel,
+        );
+        let (fetched, processed) = tokio::join!(fetcher, processor);
+        processed?;
+        fetched?;
     }
 
     // The high-water mark only moves over an unbroken run of registered UIDs, so a message
@@ -322,6 +258,178 @@ async fn poll_session(
         "poll finished"
     );
     Ok(report)
+}
+
+/// A fetched batch on its way from the fetcher to the processor.
+struct FetchedBatch {
+    asked: Vec<u32>,
+    fetched: Vec<crate::imap::Fetched>,
+    fetched_at: String,
+}
+
+/// "Perform the pending acknowledgements now and tell me how it went."
+type AckRequest = oneshot::Sender<Result<usize, PollError>>;
+
+async fn fetch_batches(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    plan: Vec<Vec<u32>>,
+    batches: mpsc::Sender<FetchedBatch>,
+    mut acks: mpsc::Receiver<AckRequest>,
+    uidvalidity: u32,
+    cancel: &CancellationToken,
+) -> Result<(), PollError> {
+    for asked in plan {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
+        let batch = FetchedBatch {
+            asked,
+            fetched,
+            fetched_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        };
+        // Hand the batch over; while the processor is busy, serve its acknowledgement requests.
+        let permit = loop {
+            tokio::select! {
+                permit = batches.reserve() => match permit {
+                    Ok(permit) => break permit,
+                    Err(_) => return Ok(()), // the processor stopped; it reports why
+                },
+                request = acks.recv() => match request {
+                    Some(request) => {
+                        if !serve_ack(p, session, uidvalidity, request).await {
+                            return Ok(());
+                        }
+                    }
+                    None => return Ok(()),
+                },
+            }
+        };
+        permit.send(batch);
+    }
+    drop(batches);
+    while let Some(request) = acks.recv().await {
+        if !serve_ack(p, session, uidvalidity, request).await {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Drains the pending acknowledgements for a request; false if that failed (the processor
+/// receives the error).
+async fn serve_ack(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    request: AckRequest,
+) -> bool {
+    let result = drain_acks(p, session, uidvalidity).await;
+    let ok = result.is_ok();
+    let _ = request.send(result);
+    ok
+}
+
+/// Asks the fetcher to acknowledge what has been committed, and waits for it.
+async fn request_acks(acks: &mpsc::Sender<AckRequest>) -> Result<usize, PollError> {
+    let (done, wait) = oneshot::channel();
+    if acks.send(done).await.is_err() {
+        return Ok(0); // the fetcher failed; its error is reported
+    }
+    wait.await.unwrap_or(Ok(0))
+}
+
+async fn process_batches(
+    p: &Poller<'_>,
+    mut batches: mpsc::Receiver<FetchedBatch>,
+    acks: mpsc::Sender<AckRequest>,
+    uidvalidity: u32,
+    report: &mut PollReport,
+    registered: &mut HashSet<u32>,
+    cancel: &CancellationToken,
+) -> Result<(), PollError> {
+    let mb = p.mb;
+    while let Some(batch) = batches.recv().await {
+        failpoint::hit("after-fetch");
+        let got: HashSet<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+        for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
+            tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+            report.vanished.push(*uid);
+        }
+        let middle = batch.fetched.len() / 2;
+        let size = batch.asked.len();
+        for (index, msg) in batch.fetched.into_iter().enumerate() {
+            if cancel.is_cancelled() {
+                report.interrupted = true;
+                break;
+            }
+            let uid = msg.uid;
+            let source = Source {
+                origin: Origin::Imap(Location {
+                    mailbox_id: mb.id.clone(),
+                    folder: mb.folder.clone(),
+                    uidvalidity,
+                    uid,
+                }),
+                ack: ack_action(&mb.after),
+                quarantine_ack: ack_action(&mb.after_quarantine),
+                fetched_at: Some(batch.fetched_at.clone()),
+            };
+            match ingest_one(&p.ctx.pipeline, msg.raw, &source).await {
+                Ok(done) => {
+                    registered.insert(uid);
+                    match &done.outcome {
+                        Outcome::Registered { id, number } => {
+                            report.registered += 1;
+                            tracing::info!(
+                                mailbox = %mb.id,
+                                uid,
+                                record = id,
+                                number = %number,
+                                raw_sha256 = %done.raw_sha256,
+                                attachments = done.attachments,
+                                "registered"
+                            );
+                        }
+                        Outcome::Quarantined { id } => {
+                            report.quarantined += 1;
+                            tracing::warn!(mailbox = %mb.id, uid, record = id, raw_sha256 = %done.raw_sha256, "quarantined");
+                        }
+                        Outcome::Linked { id, status } => {
+                            report.linked += 1;
+                            tracing::info!(mailbox = %mb.id, uid, record = id, status = status.as_str(), "same bytes recorded before: linked");
+                        }
+                        Outcome::AlreadyKnown { .. } => report.already_registered += 1,
+                    }
+                    if index == middle && size >= 3 {
+                        failpoint::hit("mid-batch");
+                    }
+                }
+                Err(e) if e.is_message_specific() => {
+                    tracing::error!(mailbox = %mb.id, uid, error = %e, "message not registered; left unacknowledged on the server");
+                    report.failed.push((uid, e.to_string()));
+                }
+                Err(e) => {
+                    // The run stops (disk full, database gone). What did commit is still
+                    // acknowledged if the server and database let us; if not, next run.
+                    if let Err(ack_error) = request_acks(&acks).await {
+                        tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+                    }
+                    return Err(PollError::Ingest {
+                        mailbox: mb.id.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        // Acknowledge what this batch committed before the next batch is taken.
+        report.acked += request_acks(&acks).await?;
+        if report.interrupted {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn ack_action(after: &AfterAction) -> Option<String> {
