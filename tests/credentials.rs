@@ -567,9 +567,11 @@ async fn two_hundred_mailboxes_sharing_an_app_cause_one_token_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiring_secrets_and_certificates_are_warned_about_in_check_status_and_the_worker_log() {
     let mut bed = Bed::start().await;
-    bed.idp.add_app(TENANT, "client-app", "right-secret", &[USER]);
+    bed.idp
+        .add_app(TENANT, "client-app", "right-secret", &[USER]);
     let (cert, key) = IdentityPlatform::make_test_certificate("soon-expiring", 5);
-    bed.idp.add_app_certificate(TENANT, "client-cert", &cert, &["archiv@urad.example"]);
+    bed.idp
+        .add_app_certificate(TENANT, "client-cert", &cert, &["archiv@urad.example"]);
     let secret = bed.file("app.secret", b"right-secret");
     let pem = bed.file("app.pem", format!("{cert}{key}").as_bytes());
     let in_20_days = (chrono::Local::now() + chrono::Duration::days(20)).format("%Y-%m-%d");
@@ -586,14 +588,30 @@ async fn expiring_secrets_and_certificates_are_warned_about_in_check_status_and_
 
     let check = bed.command(&["check"], &[]).await;
     let stdout = String::from_utf8_lossy(&check.stdout);
-    assert!(stdout.contains("credential app: client secret expires within 30 days"), "{stdout}");
-    assert!(stdout.contains("certificate CN=soon-expiring expires within 7 days"), "{stdout}");
+    assert!(
+        stdout.contains("credential app: client secret expires within 30 days"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("certificate CN=soon-expiring expires within 7 days"),
+        "{stdout}"
+    );
     let status = bed.command(&["auth", "status"], &[]).await;
     let out = String::from_utf8_lossy(&status.stdout);
-    assert_eq!(status.status.code(), Some(1), "warnings make status fail: {out}");
-    assert!(out.contains("within 30 days") && out.contains("within 7 days"), "{out}");
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "warnings make status fail: {out}"
+    );
+    assert!(
+        out.contains("within 30 days") && out.contains("within 7 days"),
+        "{out}"
+    );
     let run = bed.run_once().await;
     assert!(run.status.success(), "{}", text(&run));
     let log = String::from_utf8_lossy(&run.stderr);
-    assert!(log.contains("WARN") && log.contains("expires within 7 days"), "{log}");
+    assert!(
+        log.contains("WARN") && log.contains("expires within 7 days"),
+        "{log}"
+    );
 }
