@@ -84,7 +84,7 @@ impl Default for ImapTuning {
             connect_timeout: Duration::from_secs(20),
             io_timeout: Duration::from_secs(120),
             batch_max_messages: 100,
-            batch_max_bytes: 32 * 1024 * 1024,
+            batch_max_bytes: 16 * 1024 * 1024,
             max_sessions: 16,
         }
     }

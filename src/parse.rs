@@ -37,13 +37,37 @@ pub struct Attachment {
     pub filename: Option<String>,
     pub content_type: String,
     pub sha256: Sha256Digest,
-    pub bytes: Vec<u8>,
+    size: u64,
 }
 
 impl Attachment {
     pub fn size(&self) -> u64 {
-        self.bytes.len() as u64
+        self.size
     }
+}
+
+/// Where attachment bytes go while parsing: each attachment is handed over once, borrowed,
+/// so a 25 MB PDF is not copied into the `Submission` (which keeps only its metadata).
+pub trait AttachmentSink {
+    type Error;
+    fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), Self::Error>;
+}
+
+/// Discards the bytes (parsing for metadata only).
+pub struct Discard;
+
+impl AttachmentSink for Discard {
+    type Error = std::convert::Infallible;
+    fn attachment(&mut self, _: &[u8], _: Sha256Digest) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// Why parsing with a sink stopped.
+#[derive(Debug)]
+pub enum ParseWithSinkError<E> {
+    Parse(ParseError),
+    Sink(E),
 }
 
 /// What we keep of a message: owned, independent of the parser's lifetimes.
@@ -89,17 +113,38 @@ impl ParseError {
 
 /// Parses raw RFC 5322 bytes. Never panics on any input.
 pub fn parse(raw: &[u8], raw_sha256: &Sha256Digest) -> Result<Submission, ParseError> {
+    parse_into(raw, raw_sha256, &mut Discard).map_err(|e| match e {
+        ParseWithSinkError::Parse(p) => p,
+        ParseWithSinkError::Sink(never) => match never {},
+    })
+}
+
+/// Parses and hands every attachment's decoded bytes to `sink` (e.g. the blob store).
+pub fn parse_into<S: AttachmentSink>(
+    raw: &[u8],
+    raw_sha256: &Sha256Digest,
+    sink: &mut S,
+) -> Result<Submission, ParseWithSinkError<S::Error>> {
+    parse_message(raw, raw_sha256, sink)
+}
+
+fn parse_message<S: AttachmentSink>(
+    raw: &[u8],
+    raw_sha256: &Sha256Digest,
+    sink: &mut S,
+) -> Result<Submission, ParseWithSinkError<S::Error>> {
+    use ParseWithSinkError::Parse as P;
     if raw.iter().all(u8::is_ascii_whitespace) {
-        return Err(ParseError::Empty);
+        return Err(P(ParseError::Empty));
     }
     let parsed = std::panic::catch_unwind(|| MessageParser::default().parse(raw));
     let message = match parsed {
         Ok(Some(m)) => m,
-        Ok(None) => return Err(ParseError::NoHeaders),
-        Err(panic) => return Err(ParseError::ParserPanicked(panic_text(&panic))),
+        Ok(None) => return Err(P(ParseError::NoHeaders)),
+        Err(panic) => return Err(P(ParseError::ParserPanicked(panic_text(&panic)))),
     };
     if message.headers().is_empty() {
-        return Err(ParseError::NoHeaders);
+        return Err(P(ParseError::NoHeaders));
     }
 
     let (message_id, message_id_derived) = match message.message_id().map(str::trim) {
@@ -108,7 +153,8 @@ pub fn parse(raw: &[u8], raw_sha256: &Sha256Digest) -> Result<Submission, ParseE
     };
 
     let mut attachments = Vec::new();
-    collect_attachments(&message, None, 0, &mut attachments);
+    collect_attachments(&message, None, 0, &mut attachments, sink)
+        .map_err(ParseWithSinkError::Sink)?;
 
     Ok(Submission {
         message_id,
@@ -193,23 +239,29 @@ fn content_type_of(part: &MessagePart<'_>) -> String {
 
 /// The transfer-decoded bytes of a text part as sent, in its own charset (mail-parser hands
 /// text parts out converted to UTF-8, which is not what the sender attached).
-fn text_part_bytes(message: &Message<'_>, part: &MessagePart<'_>, decoded: &str) -> Vec<u8> {
+fn text_part_bytes<'a>(
+    message: &'a Message<'_>,
+    part: &MessagePart<'_>,
+    decoded: &'a str,
+) -> std::borrow::Cow<'a, [u8]> {
+    use std::borrow::Cow;
     let raw = message.raw_message();
     let body = raw.get(part.offset_body as usize..part.offset_end as usize);
     let from_raw = body.and_then(|body| match part.encoding {
-        Encoding::None => Some(body.to_vec()),
-        Encoding::QuotedPrintable => quoted_printable_decode(body),
-        Encoding::Base64 => base64_decode(body),
+        Encoding::None => Some(Cow::Borrowed(body)),
+        Encoding::QuotedPrintable => quoted_printable_decode(body).map(Cow::Owned),
+        Encoding::Base64 => base64_decode(body).map(Cow::Owned),
     });
-    from_raw.unwrap_or_else(|| decoded.as_bytes().to_vec())
+    from_raw.unwrap_or(Cow::Borrowed(decoded.as_bytes()))
 }
 
-fn collect_attachments(
+fn collect_attachments<S: AttachmentSink>(
     message: &Message<'_>,
     parent: Option<u32>,
     depth: usize,
     out: &mut Vec<Attachment>,
-) {
+    sink: &mut S,
+) -> Result<(), S::Error> {
     for part in message.attachments() {
         let ordinal = out.len() as u32;
         let filename = part
@@ -218,26 +270,33 @@ fn collect_attachments(
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
         let content_type = content_type_of(part);
-        let (bytes, nested) = match &part.body {
-            PartType::Binary(b) | PartType::InlineBinary(b) => (b.to_vec(), None),
+        let (bytes, nested): (std::borrow::Cow<'_, [u8]>, _) = match &part.body {
+            PartType::Binary(b) | PartType::InlineBinary(b) => {
+                (std::borrow::Cow::Borrowed(b.as_ref()), None)
+            }
             PartType::Text(t) | PartType::Html(t) => (text_part_bytes(message, part, t), None),
-            PartType::Message(inner) => (inner.raw_message().to_vec(), Some(inner)),
+            PartType::Message(inner) => {
+                (std::borrow::Cow::Borrowed(inner.raw_message()), Some(inner))
+            }
             PartType::Multipart(_) => continue,
         };
+        let sha256 = Sha256Digest::of(&bytes);
+        sink.attachment(&bytes, sha256)?;
         out.push(Attachment {
             ordinal,
             parent,
             filename,
             content_type,
-            sha256: Sha256Digest::of(&bytes),
-            bytes,
+            sha256,
+            size: bytes.len() as u64,
         });
         if let Some(inner) = nested
             && depth < MAX_NESTING
         {
-            collect_attachments(inner, Some(ordinal), depth + 1, out);
+            collect_attachments(inner, Some(ordinal), depth + 1, out, sink)?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

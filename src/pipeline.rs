@@ -85,6 +85,15 @@ enum Prepared {
     Quarantine(&'static str, String),
 }
 
+struct BlobSink<'a>(&'a RawStore);
+
+impl parse::AttachmentSink for BlobSink<'_> {
+    type Error = StoreError;
+    fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
+        self.0.put_with_digest(bytes, sha256)
+    }
+}
+
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
@@ -137,14 +146,11 @@ pub async fn ingest_one(
             );
             return Ok((digest, stored_at, Prepared::Quarantine("too-large", detail)));
         }
-        match parse::parse(&raw, &digest) {
-            Ok(submission) => {
-                for a in &submission.attachments {
-                    store.put_with_digest(&a.bytes, a.sha256)?;
-                }
-                Ok((digest, stored_at, Prepared::Ready(Box::new(submission))))
-            }
-            Err(e) => Ok((
+        // Attachments go to the blob store as the parser finds them, without copies.
+        match parse::parse_into(&raw, &digest, &mut BlobSink(&store)) {
+            Ok(submission) => Ok((digest, stored_at, Prepared::Ready(Box::new(submission)))),
+            Err(parse::ParseWithSinkError::Sink(e)) => Err(e),
+            Err(parse::ParseWithSinkError::Parse(e)) => Ok((
                 digest,
                 stored_at,
                 Prepared::Quarantine(parse_reason(&e), e.to_string()),

@@ -397,21 +397,19 @@ impl MailSession {
 
     /// `UID FETCH set (UID BODY.PEEK[])`: the raw messages, never setting `\Seen`. UIDs the
     /// server did not return (expunged meanwhile, or a silent failure) are reported by the
-    /// caller comparing with what it asked for.
+    /// caller comparing with what it asked for. Each response is turned into its bytes as it
+    /// arrives, so a batch is held once, not twice.
     pub async fn fetch_raw(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
-        let fetches = self
-            .fetch_items(uids, "(UID BODY.PEEK[])", "UID FETCH BODY.PEEK[]")
-            .await?;
-        let mut out = Vec::with_capacity(fetches.len());
-        for f in fetches {
-            let (Some(uid), Some(body)) = (f.uid, f.body()) else {
-                continue;
-            };
-            out.push(Fetched {
-                uid,
-                raw: body.to_vec(),
-            });
-        }
+        let mut out = Vec::with_capacity(uids.len());
+        self.fetch_each(uids, "(UID BODY.PEEK[])", "UID FETCH BODY.PEEK[]", |f| {
+            if let (Some(uid), Some(body)) = (f.uid, f.body()) {
+                out.push(Fetched {
+                    uid,
+                    raw: body.to_vec(),
+                });
+            }
+        })
+        .await?;
         out.sort_unstable_by_key(|f| f.uid);
         Ok(out)
     }
@@ -422,8 +420,22 @@ impl MailSession {
         query: &str,
         step: &'static str,
     ) -> Result<Vec<async_imap::types::Fetch>, ImapError> {
+        let mut out = Vec::with_capacity(uids.len());
+        self.fetch_each(uids, query, step, |f| out.push(f)).await?;
+        Ok(out)
+    }
+
+    /// Runs a UID FETCH and hands each response to `each` as it arrives, draining the whole
+    /// stream (each item under the I/O timeout) before anything else is sent.
+    async fn fetch_each(
+        &mut self,
+        uids: &[u32],
+        query: &str,
+        step: &'static str,
+        mut each: impl FnMut(async_imap::types::Fetch),
+    ) -> Result<(), ImapError> {
         if uids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let set = uid_set::format(uids);
         let io_timeout = self.io_timeout;
@@ -431,8 +443,6 @@ impl MailSession {
             ImapError::from_imap(step, e)
         })
         .await?;
-        let mut out = Vec::with_capacity(uids.len());
-        // Drain the whole stream before anything else is sent; each item under the timeout.
         loop {
             match timeout(io_timeout, stream.next()).await {
                 Err(_) => {
@@ -442,13 +452,13 @@ impl MailSession {
                     });
                 }
                 Ok(None) => break,
-                Ok(Some(Ok(fetch))) => out.push(fetch),
+                Ok(Some(Ok(fetch))) => each(fetch),
                 Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
             }
         }
         drop(stream);
         client_drop_unsolicited(&mut self.session);
-        Ok(out)
+        Ok(())
     }
 
     /// `UID STORE set +FLAGS.SILENT (\Seen)`.
