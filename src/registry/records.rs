@@ -43,6 +43,56 @@ fn loc_of(origin: &Origin) -> Loc<'_> {
     }
 }
 
+/// Appends several events (kind, time, detail) of one location in a single statement.
+pub(super) async fn insert_events(
+    tx: &mut Tx,
+    events: &[(&str, &str, Option<&str>)],
+    loc: &Loc<'_>,
+    message_id: Option<i64>,
+) -> Result<(), RegistryError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from(
+        "INSERT INTO events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail) VALUES ",
+    );
+    for i in 0..events.len() {
+        let b = i * 8;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 8
+        ));
+    }
+    // Only placeholders were added to the constant text above: no value reaches the SQL.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (kind, at, detail) in events {
+        query = query
+            .bind(*at)
+            .bind(*kind)
+            .bind(loc.owner)
+            .bind(loc.folder)
+            .bind(loc.uidvalidity)
+            .bind(loc.uid)
+            .bind(message_id)
+            .bind(detail.map(clean));
+    }
+    query
+        .execute(&mut **tx)
+        .await
+        .map_err(RegistryError::db("append events"))?;
+    Ok(())
+}
+
 pub(super) async fn insert_event(
     tx: &mut Tx,
     kind: &str,
@@ -51,22 +101,7 @@ pub(super) async fn insert_event(
     message_id: Option<i64>,
     detail: Option<&str>,
 ) -> Result<(), RegistryError> {
-    sqlx::query(
-        "INSERT INTO events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(at)
-    .bind(kind)
-    .bind(loc.owner)
-    .bind(loc.folder)
-    .bind(loc.uidvalidity)
-    .bind(loc.uid)
-    .bind(message_id)
-    .bind(detail.map(clean))
-    .execute(&mut **tx)
-    .await
-    .map_err(RegistryError::db("append event"))?;
-    Ok(())
+    insert_events(tx, &[(kind, at, detail)], loc, message_id).await
 }
 
 impl Registry {
@@ -120,15 +155,15 @@ impl Registry {
                         .map_err(RegistryError::db("insert attachment"))?;
                     }
                 }
-                for (kind, when) in rec.timeline {
-                    insert_event(&mut tx, kind, when, &loc, Some(id), None).await?;
-                }
-                let outcome = match number {
-                    Some(number) => {
-                        insert_event(&mut tx, "registered", &at, &loc, Some(id), Some(&number))
-                            .await?;
-                        Outcome::Registered { id, number }
-                    }
+                let (outcome, last_kind, last_detail) = match number {
+                    Some(number) => (
+                        Outcome::Registered {
+                            id,
+                            number: number.clone(),
+                        },
+                        "registered",
+                        number,
+                    ),
                     None => {
                         let reason = match rec.content {
                             Content::Quarantined {
@@ -137,11 +172,17 @@ impl Registry {
                             } => format!("{reason_code}: {detail}"),
                             Content::Registered(_) => String::new(),
                         };
-                        insert_event(&mut tx, "quarantined", &at, &loc, Some(id), Some(&reason))
-                            .await?;
-                        Outcome::Quarantined { id }
+                        (Outcome::Quarantined { id }, "quarantined", reason)
                     }
                 };
+                // The whole timeline in one statement.
+                let mut events: Vec<(&str, &str, Option<&str>)> = rec
+                    .timeline
+                    .iter()
+                    .map(|(kind, when)| (*kind, when.as_str(), None))
+                    .collect();
+                events.push((last_kind, &at, Some(&last_detail)));
+                insert_events(&mut tx, &events, &loc, Some(id)).await?;
                 (id, outcome)
             }
             None => {
