@@ -76,6 +76,8 @@ pub struct ImapTuning {
     pub batch_max_bytes: u64,
     /// IMAP sessions open at once across all mailboxes (servers and tenants throttle).
     pub max_sessions: usize,
+    /// Messages of a batch prepared (hashed, stored, parsed) at once; commits stay in order.
+    pub parallel_messages: usize,
 }
 
 impl Default for ImapTuning {
@@ -86,6 +88,9 @@ impl Default for ImapTuning {
             batch_max_messages: 100,
             batch_max_bytes: 16 * 1024 * 1024,
             max_sessions: 16,
+            parallel_messages: std::thread::available_parallelism()
+                .map(|n| n.get().clamp(1, 4))
+                .unwrap_or(2),
         }
     }
 }
@@ -365,6 +370,7 @@ struct RawImap {
     batch_max_messages: Option<usize>,
     batch_max_bytes: Option<u64>,
     max_sessions: Option<usize>,
+    parallel_messages: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -586,6 +592,11 @@ impl Validator<'_> {
                 .max_sessions
                 .unwrap_or(defaults.max_sessions)
                 .max(1),
+            parallel_messages: raw
+                .imap
+                .parallel_messages
+                .unwrap_or(defaults.parallel_messages)
+                .clamp(1, 16),
         };
 
         let numbering = crate::registry::numbers::Numbering {

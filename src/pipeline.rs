@@ -106,13 +106,34 @@ fn parse_reason(e: &ParseError) -> &'static str {
     }
 }
 
-/// Stores, parses and registers (or quarantines) one message. CPU and disk work run on the
-/// blocking pool, so the async workers keep serving the network.
+/// Stores, parses and registers (or quarantines) one message: [`prepare`] then [`commit`].
 pub async fn ingest_one(
     p: &Pipeline,
     raw: Vec<u8>,
     source: &Source,
 ) -> Result<Ingested, IngestError> {
+    let prepared = prepare(p, raw, source).await?;
+    commit(p, prepared, source).await
+}
+
+/// A message whose raw bytes and attachments are durable and whose content is known, not yet
+/// committed to the registry.
+pub struct PreparedMessage {
+    digest: Sha256Digest,
+    raw_size: u64,
+    attempt: u32,
+    timeline: [(&'static str, String); 3],
+    prepared: Prepared,
+}
+
+/// The expensive, parallelisable half: counts the attempt, stores the raw blob durably, parses
+/// and stores the attachments. CPU and disk work run on the blocking pool. Nothing here is
+/// visible in the registry yet.
+pub async fn prepare(
+    p: &Pipeline,
+    raw: Vec<u8>,
+    source: &Source,
+) -> Result<PreparedMessage, IngestError> {
     let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
     let limits = p.limits;
     // Count the attempt before doing anything that could kill the worker.
@@ -135,7 +156,6 @@ pub async fn ingest_one(
     let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let digest = store.put(&raw)?;
         let stored_at = now();
-        failpoint::hit("after-raw-write");
         if let Some(reason) = poison {
             return Ok((digest, stored_at, Prepared::Quarantine("poison", reason)));
         }
@@ -169,12 +189,36 @@ pub async fn ingest_one(
             return Err(failed(p, source, attempt, detail).await);
         }
     };
-    let parsed_at = now();
-    let timeline = [
-        ("fetched", fetched_at),
-        ("stored", stored_at),
-        ("parsed", parsed_at),
-    ];
+    Ok(PreparedMessage {
+        digest,
+        raw_size,
+        attempt,
+        timeline: [
+            ("fetched", fetched_at),
+            ("stored", stored_at),
+            ("parsed", now()),
+        ],
+        prepared,
+    })
+}
+
+/// The ordered half: one registry transaction for the prepared message. Callers commit in
+/// the order the messages arrived (UID order), whatever order they were prepared in.
+pub async fn commit(
+    p: &Pipeline,
+    message: PreparedMessage,
+    source: &Source,
+) -> Result<Ingested, IngestError> {
+    // The raw bytes are durable and nothing is committed: the crash point the tests name
+    // "after-raw-write", reached in commit order.
+    failpoint::hit("after-raw-write");
+    let PreparedMessage {
+        digest,
+        raw_size,
+        attempt,
+        timeline,
+        prepared,
+    } = message;
     let (content, ack, attachments) = match &prepared {
         Prepared::Ready(s) => (
             Content::Registered(s),
@@ -221,14 +265,6 @@ pub async fn ingest_one(
     }
 }
 
-async fn forget_attempt(p: &Pipeline, source: &Source) {
-    if let Some(loc) = source.origin.location()
-        && let Err(e) = p.registry.forget_attempt(loc).await
-    {
-        tracing::warn!(error = %e, uid = loc.uid, "could not take back a processing attempt");
-    }
-}
-
 async fn failed(p: &Pipeline, source: &Source, attempt: u32, detail: String) -> IngestError {
     if let Some(loc) = source.origin.location()
         && let Err(e) = p.registry.record_failure(loc, &detail).await
@@ -239,5 +275,13 @@ async fn failed(p: &Pipeline, source: &Source, attempt: u32, detail: String) -> 
         attempt,
         max: p.limits.max_attempts,
         detail,
+    }
+}
+
+async fn forget_attempt(p: &Pipeline, source: &Source) {
+    if let Some(loc) = source.origin.location()
+        && let Err(e) = p.registry.forget_attempt(loc).await
+    {
+        tracing::warn!(error = %e, uid = loc.uid, "could not take back a processing attempt");
     }
 }

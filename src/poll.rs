@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +16,7 @@ use crate::config::{AfterAction, Config, MailboxConfig};
 use crate::credentials::{CredentialError, Credentials};
 use crate::failpoint;
 use crate::imap::{Endpoint, ImapError, MailSession};
-use crate::pipeline::{IngestError, Pipeline, Source, ingest_one};
+use crate::pipeline::{IngestError, Pipeline, Source, commit, prepare};
 use crate::registry::{Location, Origin, Outcome, RegistryError, UidValidityCheck};
 
 /// Everything a poll needs, shared by all mailbox tasks.
@@ -283,13 +284,8 @@ async fn fetch_batches(
         if cancel.is_cancelled() {
             break;
         }
-        let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
-        let batch = FetchedBatch {
-            asked,
-            fetched,
-            fetched_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        };
-        // Hand the batch over; while the processor is busy, serve its acknowledgement requests.
+        // Take the hand-over slot before fetching, so that at most one batch is being
+        // processed while the next is fetched; serve acknowledgement requests meanwhile.
         let permit = loop {
             tokio::select! {
                 permit = batches.reserve() => match permit {
@@ -305,6 +301,12 @@ async fn fetch_batches(
                     None => return Ok(()),
                 },
             }
+        };
+        let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
+        let batch = FetchedBatch {
+            asked,
+            fetched,
+            fetched_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         };
         permit.send(batch);
     }
@@ -359,24 +361,40 @@ async fn process_batches(
         }
         let middle = batch.fetched.len() / 2;
         let size = batch.asked.len();
-        for (index, msg) in batch.fetched.into_iter().enumerate() {
+        let fetched_at = batch.fetched_at;
+        // Messages of a batch are prepared (hashed, stored, parsed) in parallel, bounded by the
+        // batch's byte limit, and committed strictly in UID order.
+        let source_of = |uid: u32| Source {
+            origin: Origin::Imap(Location {
+                mailbox_id: mb.id.clone(),
+                folder: mb.folder.clone(),
+                uidvalidity,
+                uid,
+            }),
+            ack: ack_action(&mb.after),
+            quarantine_ack: ack_action(&mb.after_quarantine),
+            fetched_at: Some(fetched_at.clone()),
+        };
+        let pipeline = &p.ctx.pipeline;
+        let mut prepared = futures::stream::iter(batch.fetched.into_iter().map(|msg| {
+            let source = source_of(msg.uid);
+            async move {
+                let result = prepare(pipeline, msg.raw, &source).await;
+                (msg.uid, source, result)
+            }
+        }))
+        .buffered(p.ctx.config.imap.parallel_messages);
+        let mut index = 0;
+        while let Some((uid, source, result)) = prepared.next().await {
             if cancel.is_cancelled() {
                 report.interrupted = true;
                 break;
             }
-            let uid = msg.uid;
-            let source = Source {
-                origin: Origin::Imap(Location {
-                    mailbox_id: mb.id.clone(),
-                    folder: mb.folder.clone(),
-                    uidvalidity,
-                    uid,
-                }),
-                ack: ack_action(&mb.after),
-                quarantine_ack: ack_action(&mb.after_quarantine),
-                fetched_at: Some(batch.fetched_at.clone()),
+            let outcome = match result {
+                Ok(message) => commit(pipeline, message, &source).await,
+                Err(e) => Err(e),
             };
-            match ingest_one(&p.ctx.pipeline, msg.raw, &source).await {
+            match outcome {
                 Ok(done) => {
                     registered.insert(uid);
                     match &done.outcome {
@@ -413,6 +431,7 @@ async fn process_batches(
                 Err(e) => {
                     // The run stops (disk full, database gone). What did commit is still
                     // acknowledged if the server and database let us; if not, next run.
+                    drop(prepared);
                     if let Err(ack_error) = request_acks(&acks).await {
                         tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
                     }
@@ -422,7 +441,9 @@ async fn process_batches(
                     });
                 }
             }
+            index += 1;
         }
+        drop(prepared);
         // Acknowledge what this batch committed before the next batch is taken.
         report.acked += request_acks(&acks).await?;
         if report.interrupted {
