@@ -384,13 +384,15 @@ impl MailSession {
 
     /// `UID FETCH set (UID RFC822.SIZE)`: sizes for batching by bytes, sorted by UID.
     pub async fn sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u32)>, ImapError> {
-        let fetches = self
-            .fetch_items(uids, "(UID RFC822.SIZE)", "UID FETCH RFC822.SIZE")
-            .await?;
-        let mut out: Vec<(u32, u32)> = fetches
-            .iter()
-            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
-            .collect();
+        // Each response owns a whole read-buffer block in async-imap: keep only the numbers,
+        // or 10,000 responses hold ~80 MB.
+        let mut out = Vec::with_capacity(uids.len());
+        self.fetch_each(uids, "(UID RFC822.SIZE)", "UID FETCH RFC822.SIZE", |f| {
+            if let Some(uid) = f.uid {
+                out.push((uid, f.size.unwrap_or(0)));
+            }
+        })
+        .await?;
         out.sort_unstable();
         Ok(out)
     }
@@ -411,17 +413,6 @@ impl MailSession {
         })
         .await?;
         out.sort_unstable_by_key(|f| f.uid);
-        Ok(out)
-    }
-
-    async fn fetch_items(
-        &mut self,
-        uids: &[u32],
-        query: &str,
-        step: &'static str,
-    ) -> Result<Vec<async_imap::types::Fetch>, ImapError> {
-        let mut out = Vec::with_capacity(uids.len());
-        self.fetch_each(uids, query, step, |f| out.push(f)).await?;
         Ok(out)
     }
 
