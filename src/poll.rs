@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -376,16 +375,33 @@ async fn process_batches(
             fetched_at: Some(fetched_at.clone()),
         };
         let pipeline = &p.ctx.pipeline;
-        let mut prepared = futures::stream::iter(batch.fetched.into_iter().map(|msg| {
+        // Spawned, not merely buffered: a preparation must make progress (and give its database
+        // connection back) while the commit loop is busy, or a few of them starve the pool.
+        let spawn = |msg: crate::imap::Fetched| {
             let source = source_of(msg.uid);
-            async move {
-                let result = prepare(pipeline, msg.raw, &source).await;
-                (msg.uid, source, result)
-            }
-        }))
-        .buffered(p.ctx.config.imap.parallel_messages);
+            let task_pipeline = pipeline.clone();
+            let task_source = source.clone();
+            let handle =
+                tokio::spawn(async move { prepare(&task_pipeline, msg.raw, &task_source).await });
+            (msg.uid, source, handle)
+        };
+        let parallel = p.ctx.config.imap.parallel_messages;
+        let mut waiting = batch.fetched.into_iter();
+        let mut in_flight: std::collections::VecDeque<_> =
+            waiting.by_ref().take(parallel).map(spawn).collect();
         let mut index = 0;
-        while let Some((uid, source, result)) = prepared.next().await {
+        while let Some((uid, source, handle)) = in_flight.pop_front() {
+            if let Some(next) = waiting.next() {
+                in_flight.push_back(spawn(next));
+            }
+            let result = match handle.await {
+                Ok(result) => result,
+                Err(join) => Err(IngestError::Failed {
+                    attempt: 0,
+                    max: pipeline.limits.max_attempts,
+                    detail: format!("internal error: {join}"),
+                }),
+            };
             if cancel.is_cancelled() {
                 report.interrupted = true;
                 break;
@@ -431,7 +447,9 @@ async fn process_batches(
                 Err(e) => {
                     // The run stops (disk full, database gone). What did commit is still
                     // acknowledged if the server and database let us; if not, next run.
-                    drop(prepared);
+                    for (_, _, handle) in &in_flight {
+                        handle.abort();
+                    }
                     if let Err(ack_error) = request_acks(&acks).await {
                         tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
                     }
@@ -443,7 +461,10 @@ async fn process_batches(
             }
             index += 1;
         }
-        drop(prepared);
+        // Stopped early (shutdown): preparations still running only leave harmless blobs.
+        for (_, _, handle) in &in_flight {
+            handle.abort();
+        }
         // Acknowledge what this batch committed before the next batch is taken.
         report.acked += request_acks(&acks).await?;
         if report.interrupted {

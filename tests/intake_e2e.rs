@@ -533,17 +533,20 @@ async fn run_polls_on_its_schedule_reuses_the_token_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let registry = bed.registry().await;
-    let wait_for = |n: usize| {
-        let registry = registry.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while registry.list(None, 100).await.unwrap().len() < n {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "not registered within 60 s"
+    let mut child = Some(child);
+    let mut wait_for = async |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while registry.list(None, 100).await.unwrap().len() < n {
+            if std::time::Instant::now() > deadline {
+                let mut c = child.take().unwrap();
+                let _ = c.kill();
+                let out = c.wait_with_output().unwrap();
+                panic!(
+                    "not registered within 60 s; the worker said:\n{}",
+                    text(&out)
                 );
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     wait_for(1).await;
@@ -552,6 +555,7 @@ async fn run_polls_on_its_schedule_reuses_the_token_and_stops_on_sigterm() {
         .deliver(PODATELNA, "INBOX", &fixtures[1].1)
         .unwrap();
     wait_for(2).await;
+    let child = child.take().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -79,6 +79,7 @@ both_backends!(
     attempts_are_counted_and_cleared_by_the_registration,
     eight_concurrent_writers_get_numbers_without_gaps_or_duplicates,
     nul_bytes_in_text_do_not_break_either_backend,
+    many_processes_opening_a_fresh_registry_at_once_all_succeed,
 );
 
 async fn registration_writes_everything_in_one_transaction(db: &TestDb) {
@@ -377,4 +378,42 @@ async fn nul_bytes_in_text_do_not_break_either_backend(db: &TestDb) {
     assert!(matches!(out, Outcome::Registered { .. }), "{out:?}");
     let rows = r.list(None, 1).await.unwrap();
     assert_eq!(rows[0].subject.as_deref(), Some("badsubject"));
+}
+
+async fn many_processes_opening_a_fresh_registry_at_once_all_succeed(db: &TestDb) {
+    // The service starting while an admin runs `registry list`: migrations must not race.
+    let mut children = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailintake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\ndatabase_url = \"{}\"\n[credentials.p]\nkind = \"password\"\n\
+             password_file = \"{}\"\n[[mailbox]]\nid = \"m\"\naddress = \"m@x.example\"\nhost = \"localhost\"\ncredential = \"p\"\n",
+            dir.path().display(),
+            db.url(),
+            config.display()
+        ),
+    )
+    .unwrap();
+    for _ in 0..8 {
+        children.push(
+            std::process::Command::new(env!("CARGO_BIN_EXE_mailintake"))
+                .arg("--config")
+                .arg(&config)
+                .args(["registry", "list"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

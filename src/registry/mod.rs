@@ -273,6 +273,36 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// The database file of a SQLite URL (None for in-memory databases).
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or(path);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| std::path::PathBuf::from(path))
+}
+
+/// Takes an exclusive lock on `<database>.migrate.lock`, held until the file is dropped.
+async fn lock_file(db: &Path, url: &str) -> Result<std::fs::File, RegistryError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".migrate.lock");
+    let path = std::path::PathBuf::from(name);
+    let fail = |e: std::io::Error| RegistryError::Connect {
+        url: redact_url(url),
+        source: sqlx::Error::Io(e),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(fail)?;
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| fail(std::io::Error::other(e)))?
+        .map_err(fail)
+}
+
 /// The URL with any password replaced, for messages.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -329,11 +359,8 @@ impl Registry {
         };
         let mut connect_url = url.to_owned();
         if backend == Backend::Sqlite {
-            let path = url
-                .trim_start_matches("sqlite://")
-                .trim_start_matches("sqlite:");
-            let path = path.split('?').next().unwrap_or(path);
-            if let Some(dir) = Path::new(path).parent()
+            let path = sqlite_path(url).unwrap_or_default();
+            if let Some(dir) = path.parent()
                 && !dir.as_os_str().is_empty()
             {
                 std::fs::create_dir_all(dir).map_err(|e| RegistryError::Connect {
@@ -380,6 +407,13 @@ impl Registry {
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        // sqlx takes an advisory lock for PostgreSQL migrations but none for SQLite: two
+        // processes starting at once (the service and an admin's `registry list`) would both
+        // apply a migration. An exclusive lock file beside the database serialises them.
+        let _migration_lock = match (backend, sqlite_path(url)) {
+            (Backend::Sqlite, Some(path)) => Some(lock_file(&path, url).await?),
+            _ => None,
         };
         migrator
             .run(&pool)
