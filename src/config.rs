@@ -524,6 +524,11 @@ impl Validator<'_> {
             .map(|before| before.bytes().filter(|b| *b == b'\n').count() + 1)
     }
 
+    /// The line of an optional key, if it is present.
+    fn at<T>(&self, value: &Option<Spanned<T>>) -> Option<usize> {
+        value.as_ref().and_then(|v| self.line_of(v))
+    }
+
     fn problem<T>(&mut self, at: Option<&Spanned<T>>, key: String, problem: String, fix: &str) {
         let line = at.and_then(|s| self.line_of(s));
         self.problems.push(Problem {
@@ -798,96 +803,38 @@ impl Validator<'_> {
             }
         };
         let present: [(&str, Option<usize>); 23] = [
+            ("authority", self.at(&c.authority)),
+            ("tenant_id", self.at(&c.tenant_id)),
+            ("client_id", self.at(&c.client_id)),
+            ("client_secret_*", self.at(&c.client_secret_env)),
+            ("client_secret_*", self.at(&c.client_secret_file)),
+            ("client_secret_*", self.at(&c.client_secret_credential)),
+            ("client_secret_expires", self.at(&c.client_secret_expires)),
+            ("scope", self.at(&c.scope)),
+            ("certificate_file", self.at(&c.certificate_file)),
             (
-                "authority",
-                c.authority.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "tenant_id",
-                c.tenant_id.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "client_id",
-                c.client_id.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "client_secret_*",
-                c.client_secret_env.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "client_secret_*",
-                c.client_secret_file.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "client_secret_*",
-                c.client_secret_credential
-                    .as_ref()
-                    .and_then(|v| self.line_of(v)),
-            ),
-            (
-                "client_secret_expires",
-                c.client_secret_expires
-                    .as_ref()
-                    .and_then(|v| self.line_of(v)),
-            ),
-            ("scope", c.scope.as_ref().and_then(|v| self.line_of(v))),
-            (
-                "certificate_file",
-                c.certificate_file.as_ref().and_then(|v| self.line_of(v)),
+                "certificate_password_*",
+                self.at(&c.certificate_password_env),
             ),
             (
                 "certificate_password_*",
-                c.certificate_password_env
-                    .as_ref()
-                    .and_then(|v| self.line_of(v)),
+                self.at(&c.certificate_password_file),
             ),
-            (
-                "certificate_password_*",
-                c.certificate_password_file
-                    .as_ref()
-                    .and_then(|v| self.line_of(v)),
-            ),
-            (
-                "redirect_uri",
-                c.redirect_uri.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            ("scopes", c.scopes.as_ref().and_then(|v| self.line_of(v))),
-            (
-                "authorization_url",
-                c.authorization_url.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "token_url",
-                c.token_url.as_ref().and_then(|v| self.line_of(v)),
-            ),
+            ("redirect_uri", self.at(&c.redirect_uri)),
+            ("scopes", self.at(&c.scopes)),
+            ("authorization_url", self.at(&c.authorization_url)),
+            ("token_url", self.at(&c.token_url)),
             (
                 "device_authorization_url",
-                c.device_authorization_url
-                    .as_ref()
-                    .and_then(|v| self.line_of(v)),
+                self.at(&c.device_authorization_url),
             ),
-            ("pkce", c.pkce.as_ref().and_then(|v| self.line_of(v))),
-            ("sasl", c.sasl.as_ref().and_then(|v| self.line_of(v))),
-            (
-                "username",
-                c.username.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "password_*",
-                c.password_env.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "password_*",
-                c.password_file.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "password_*",
-                c.password_credential.as_ref().and_then(|v| self.line_of(v)),
-            ),
-            (
-                "mechanism",
-                c.mechanism.as_ref().and_then(|v| self.line_of(v)),
-            ),
+            ("pkce", self.at(&c.pkce)),
+            ("sasl", self.at(&c.sasl)),
+            ("username", self.at(&c.username)),
+            ("password_*", self.at(&c.password_env)),
+            ("password_*", self.at(&c.password_file)),
+            ("password_*", self.at(&c.password_credential)),
+            ("mechanism", self.at(&c.mechanism)),
         ];
         let mut misplaced = false;
         for (field, line) in present {
