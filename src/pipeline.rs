@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::failpoint;
 use crate::parse::{self, ParseError, Submission};
 use crate::raw_store::{RawStore, Sha256Digest, StoreError};
-use crate::registry::{Content, NewRecord, Origin, Outcome, Registry, RegistryError};
+use crate::registry::{Content, NewRecord, Origin, Outcome, Registry, RegistryError, now};
 
 /// Where a message comes from and what should happen to it on the server afterwards.
 #[derive(Debug, Clone)]
@@ -92,10 +92,6 @@ impl parse::AttachmentSink for BlobSink<'_> {
     fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
         self.0.put_with_digest(bytes, sha256)
     }
-}
-
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn parse_reason(e: &ParseError) -> &'static str {

@@ -305,7 +305,7 @@ async fn fetch_batches(
         let batch = FetchedBatch {
             asked,
             fetched,
-            fetched_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            fetched_at: crate::registry::now(),
         };
         permit.send(batch);
     }

@@ -423,31 +423,18 @@ impl MailSession {
         uids: &[u32],
         query: &str,
         step: &'static str,
-        mut each: impl FnMut(async_imap::types::Fetch),
+        each: impl FnMut(async_imap::types::Fetch),
     ) -> Result<(), ImapError> {
         if uids.is_empty() {
             return Ok(());
         }
         let set = uid_set::format(uids);
         let io_timeout = self.io_timeout;
-        let mut stream = within(step, io_timeout, self.session.uid_fetch(&set, query), |e| {
+        let stream = within(step, io_timeout, self.session.uid_fetch(&set, query), |e| {
             ImapError::from_imap(step, e)
         })
         .await?;
-        loop {
-            match timeout(io_timeout, stream.next()).await {
-                Err(_) => {
-                    return Err(ImapError::Timeout {
-                        step,
-                        after: io_timeout,
-                    });
-                }
-                Ok(None) => break,
-                Ok(Some(Ok(fetch))) => each(fetch),
-                Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
-            }
-        }
-        drop(stream);
+        drain(step, io_timeout, stream, each).await?;
         client_drop_unsolicited(&mut self.session);
         Ok(())
     }
@@ -460,27 +447,14 @@ impl MailSession {
         let set = uid_set::format(uids);
         let step = "UID STORE +FLAGS (\\Seen)";
         let io_timeout = self.io_timeout;
-        let mut stream = within(
+        let stream = within(
             step,
             io_timeout,
             self.session.uid_store(&set, "+FLAGS.SILENT (\\Seen)"),
             |e| ImapError::from_imap(step, e),
         )
         .await?;
-        loop {
-            match timeout(io_timeout, stream.next()).await {
-                Err(_) => {
-                    return Err(ImapError::Timeout {
-                        step,
-                        after: io_timeout,
-                    });
-                }
-                Ok(None) => break,
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
-            }
-        }
-        drop(stream);
+        drain(step, io_timeout, stream, |_| {}).await?;
         client_drop_unsolicited(&mut self.session);
         Ok(())
     }
@@ -549,6 +523,30 @@ impl MailSession {
     /// LOGOUT, best effort: the work is done whatever the server answers.
     pub async fn logout(mut self) {
         let _ = timeout(Duration::from_secs(5), self.session.logout()).await;
+    }
+}
+
+/// Reads a command's response stream to its end (nothing else may be sent before), each item
+/// under the I/O timeout, handing every FETCH response to `each`.
+async fn drain(
+    step: &'static str,
+    io_timeout: Duration,
+    stream: impl futures::Stream<Item = async_imap::error::Result<async_imap::types::Fetch>>,
+    mut each: impl FnMut(async_imap::types::Fetch),
+) -> Result<(), ImapError> {
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        match timeout(io_timeout, stream.next()).await {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    step,
+                    after: io_timeout,
+                });
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(Ok(fetch))) => each(fetch),
+            Ok(Some(Err(e))) => return Err(ImapError::from_imap(step, e)),
+        }
     }
 }
 

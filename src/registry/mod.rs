@@ -269,7 +269,8 @@ pub struct Registry {
     numbering: std::sync::Arc<numbers::Numbering>,
 }
 
-fn now() -> String {
+/// Now as the registry stores times: RFC 3339 UTC with microseconds (sorts as text).
+pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
