@@ -32,6 +32,8 @@ pub struct Config {
     pub database_url: String,
     pub imap: ImapTuning,
     pub numbering: crate::registry::numbers::Numbering,
+    /// One registry transaction per message (default) or per fetched batch.
+    pub commit: crate::pipeline::CommitMode,
     pub limits: crate::pipeline::Limits,
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub mailboxes: Vec<MailboxConfig>,
@@ -380,6 +382,7 @@ struct RawImap {
 struct RawRegistry {
     number_prefix: Option<Spanned<String>>,
     number_format: Option<Spanned<String>>,
+    commit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -648,6 +651,21 @@ impl Validator<'_> {
                 fix: "set the registry's prefix, e.g. \"EP\"; it names the number sequence".into(),
             });
         }
+        let commit = match &raw.registry.commit {
+            None => crate::pipeline::CommitMode::default(),
+            Some(mode) => match crate::pipeline::CommitMode::parse(mode.get_ref()) {
+                Some(m) => m,
+                None => {
+                    self.problem(
+                        Some(mode),
+                        "registry.commit".into(),
+                        format!("{:?} is not a commit mode", mode.get_ref()),
+                        "use \"message\" (one transaction per message, the default) or \"batch\" (one per fetched batch: one flush and one acknowledgement per batch)",
+                    );
+                    crate::pipeline::CommitMode::default()
+                }
+            },
+        };
         let limit_defaults = crate::pipeline::Limits::default();
         let limits = crate::pipeline::Limits {
             max_message_bytes: raw
@@ -662,6 +680,16 @@ impl Validator<'_> {
                 .max(1),
         };
 
+        if commit == crate::pipeline::CommitMode::PerBatch && limits.max_attempts < 2 {
+            // A worker that dies with a batch in hand counts one attempt against each of its
+            // messages; with a single attempt allowed, the innocent ones would be quarantined.
+            self.problem(
+                raw.registry.commit.as_ref(),
+                "registry.commit".into(),
+                "\"batch\" needs limits.max_attempts of at least 2".into(),
+                "raise [limits] max_attempts (default 3) or use commit = \"message\"",
+            );
+        }
         let mut credentials = BTreeMap::new();
         for (name, cred) in &raw.credentials {
             if let Some(c) = self.credential(name, cred, env) {
@@ -740,6 +768,7 @@ impl Validator<'_> {
             database_url,
             imap,
             numbering,
+            commit,
             limits,
             credentials,
             mailboxes,

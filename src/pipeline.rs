@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::failpoint;
 use crate::parse::{self, ParseError, Submission};
-use crate::raw_store::{RawStore, Sha256Digest, StoreError};
+use crate::raw_store::{RawStore, Sha256Digest, Staged, StoreError};
 use crate::registry::{Content, NewRecord, Origin, Outcome, Registry, RegistryError, now};
 
 /// Where a message comes from and what should happen to it on the server afterwards.
@@ -85,12 +85,51 @@ enum Prepared {
     Quarantine(&'static str, String),
 }
 
-struct BlobSink<'a>(&'a RawStore);
+/// Where a preparation puts its blobs: durable one by one, or staged for a batch publish.
+struct BlobSink<'a> {
+    store: &'a RawStore,
+    staged: Option<&'a mut Staged>,
+}
+
+impl BlobSink<'_> {
+    fn put(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
+        match self.staged.as_deref_mut() {
+            Some(staged) => self.store.stage(bytes, sha256, staged),
+            None => self.store.put_with_digest(bytes, sha256),
+        }
+    }
+}
 
 impl parse::AttachmentSink for BlobSink<'_> {
     type Error = StoreError;
     fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
-        self.0.put_with_digest(bytes, sha256)
+        self.put(bytes, sha256)
+    }
+}
+
+/// How registrations are committed: one transaction per message (the default), or one per
+/// fetched batch with one filesystem flush and one acknowledgement for the whole batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitMode {
+    #[default]
+    PerMessage,
+    PerBatch,
+}
+
+impl CommitMode {
+    pub fn parse(s: &str) -> Option<CommitMode> {
+        match s {
+            "message" => Some(CommitMode::PerMessage),
+            "batch" => Some(CommitMode::PerBatch),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitMode::PerMessage => "message",
+            CommitMode::PerBatch => "batch",
+        }
     }
 }
 
@@ -149,29 +188,12 @@ pub async fn prepare(
 
     let store = Arc::clone(&p.store);
     let raw_size = raw.len() as u64;
-    let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let digest = store.put(&raw)?;
-        let stored_at = now();
-        if let Some(reason) = poison {
-            return Ok((digest, stored_at, Prepared::Quarantine("poison", reason)));
-        }
-        if raw_size > limits.max_message_bytes {
-            let detail = format!(
-                "{raw_size} bytes, above the limit of {} bytes",
-                limits.max_message_bytes
-            );
-            return Ok((digest, stored_at, Prepared::Quarantine("too-large", detail)));
-        }
-        // Attachments go to the blob store as the parser finds them, without copies.
-        match parse::parse_into(&raw, &digest, &mut BlobSink(&store)) {
-            Ok(submission) => Ok((digest, stored_at, Prepared::Ready(Box::new(submission)))),
-            Err(parse::ParseWithSinkError::Sink(e)) => Err(e),
-            Err(parse::ParseWithSinkError::Parse(e)) => Ok((
-                digest,
-                stored_at,
-                Prepared::Quarantine(parse_reason(&e), e.to_string()),
-            )),
-        }
+    let job = tokio::task::spawn_blocking(move || {
+        let mut sink = BlobSink {
+            store: &store,
+            staged: None,
+        };
+        prepare_blocking(&mut sink, &raw, limits, poison)
     });
     let (digest, stored_at, prepared) = match job.await {
         Ok(Ok(prepared)) => prepared,
@@ -198,6 +220,116 @@ pub async fn prepare(
     })
 }
 
+/// [`prepare`] for a message of a batch committed as one ([`CommitMode::PerBatch`]): the
+/// attempt was counted for the whole batch (see `Registry::begin_batch_attempts`), and the
+/// blobs are staged, to be made durable together with the batch's by `RawStore::publish`
+/// before [`commit_batch`].
+pub async fn prepare_staged(
+    p: &Pipeline,
+    raw: Vec<u8>,
+    source: &Source,
+) -> Result<(PreparedMessage, Staged), IngestError> {
+    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+    let limits = p.limits;
+    let store = Arc::clone(&p.store);
+    let raw_size = raw.len() as u64;
+    let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let mut staged = store.staging()?;
+        let mut sink = BlobSink {
+            store: &store,
+            staged: Some(&mut staged),
+        };
+        let prepared = prepare_blocking(&mut sink, &raw, limits, None)?;
+        Ok((prepared, staged))
+    });
+    let ((digest, stored_at, prepared), staged) = match job.await {
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(store_error)) => return Err(store_error.into()),
+        Err(join) => {
+            let detail = format!("internal error: {join}");
+            return Err(failed(p, source, 1, detail).await);
+        }
+    };
+    let message = PreparedMessage {
+        digest,
+        raw_size,
+        attempt: 1,
+        timeline: [
+            ("fetched", fetched_at),
+            ("stored", stored_at),
+            ("parsed", now()),
+        ],
+        prepared,
+    };
+    Ok((message, staged))
+}
+
+/// The CPU and disk work of a preparation: raw blob, then poison / size checks, then the parse
+/// with attachments going to the blob sink as the parser finds them, without copies.
+fn prepare_blocking(
+    sink: &mut BlobSink<'_>,
+    raw: &[u8],
+    limits: Limits,
+    poison: Option<String>,
+) -> Result<(Sha256Digest, String, Prepared), StoreError> {
+    let digest = Sha256Digest::of(raw);
+    sink.put(raw, digest)?;
+    let stored_at = now();
+    if let Some(reason) = poison {
+        return Ok((digest, stored_at, Prepared::Quarantine("poison", reason)));
+    }
+    let raw_size = raw.len() as u64;
+    if raw_size > limits.max_message_bytes {
+        let detail = format!(
+            "{raw_size} bytes, above the limit of {} bytes",
+            limits.max_message_bytes
+        );
+        return Ok((digest, stored_at, Prepared::Quarantine("too-large", detail)));
+    }
+    match parse::parse_into(raw, &digest, sink) {
+        Ok(submission) => Ok((digest, stored_at, Prepared::Ready(Box::new(submission)))),
+        Err(parse::ParseWithSinkError::Sink(e)) => Err(e),
+        Err(parse::ParseWithSinkError::Parse(e)) => Ok((
+            digest,
+            stored_at,
+            Prepared::Quarantine(parse_reason(&e), e.to_string()),
+        )),
+    }
+}
+
+/// The record a prepared message becomes, with the acknowledgement it queues.
+fn record_of<'a>(message: &'a PreparedMessage, source: &'a Source) -> NewRecord<'a> {
+    let (content, ack) = match &message.prepared {
+        Prepared::Ready(s) => (Content::Registered(s), source.ack.clone()),
+        Prepared::Quarantine(code, detail) => (
+            Content::Quarantined {
+                reason_code: code,
+                detail,
+            },
+            source.quarantine_ack.clone(),
+        ),
+    };
+    NewRecord {
+        origin: &source.origin,
+        raw_sha256: message.digest,
+        raw_size: message.raw_size,
+        content,
+        ack,
+        timeline: &message.timeline,
+    }
+}
+
+fn ingested(message: &PreparedMessage, outcome: Outcome) -> Ingested {
+    Ingested {
+        outcome,
+        raw_sha256: message.digest,
+        attachments: match &message.prepared {
+            Prepared::Ready(s) => s.attachments.len(),
+            Prepared::Quarantine(..) => 0,
+        },
+    }
+}
+
 /// The ordered half: one registry transaction for the prepared message. Callers commit in
 /// the order the messages arrived (UID order), whatever order they were prepared in.
 pub async fn commit(
@@ -208,56 +340,50 @@ pub async fn commit(
     // The raw bytes are durable and nothing is committed: the crash point the tests name
     // "after-raw-write", reached in commit order.
     failpoint::hit("after-raw-write");
-    let PreparedMessage {
-        digest,
-        raw_size,
-        attempt,
-        timeline,
-        prepared,
-    } = message;
-    let (content, ack, attachments) = match &prepared {
-        Prepared::Ready(s) => (
-            Content::Registered(s),
-            source.ack.clone(),
-            s.attachments.len(),
-        ),
-        Prepared::Quarantine(code, detail) => (
-            Content::Quarantined {
-                reason_code: code,
-                detail,
-            },
-            source.quarantine_ack.clone(),
-            0,
-        ),
-    };
-    let result = p
-        .registry
-        .register(NewRecord {
-            origin: &source.origin,
-            raw_sha256: digest,
-            raw_size,
-            content,
-            ack,
-            timeline: &timeline,
-        })
-        .await;
+    let result = p.registry.register(record_of(&message, source)).await;
     match result {
         Ok(outcome) => {
             failpoint::hit("after-commit");
-            Ok(Ingested {
-                outcome,
-                raw_sha256: digest,
-                attachments,
-            })
+            Ok(ingested(&message, outcome))
         }
         // The database refused this message's data: count it against the message.
         Err(e) if e.is_data_error() && source.origin.location().is_some() => {
-            Err(failed(p, source, attempt, e.to_string()).await)
+            Err(failed(p, source, message.attempt, e.to_string()).await)
         }
         Err(e) => {
             forget_attempt(p, source).await;
             Err(e.into())
         }
+    }
+}
+
+/// Commits prepared messages (in UID order, blobs already published) in one registry
+/// transaction. `Ok(None)`: the batch could not commit as one (another worker recorded one of
+/// its locations meanwhile, or the database refused one message's data); nothing of it is
+/// committed and the caller commits the messages one by one with [`commit`].
+pub async fn commit_batch(
+    p: &Pipeline,
+    messages: &[(PreparedMessage, Source)],
+) -> Result<Option<Vec<Ingested>>, IngestError> {
+    failpoint::hit("after-raw-write");
+    let records: Vec<NewRecord<'_>> = messages.iter().map(|(m, s)| record_of(m, s)).collect();
+    match p.registry.register_batch(&records).await {
+        Ok(Some(outcomes)) => {
+            failpoint::hit("after-commit");
+            Ok(Some(
+                messages
+                    .iter()
+                    .zip(outcomes)
+                    .map(|((m, _), outcome)| ingested(m, outcome))
+                    .collect(),
+            ))
+        }
+        Ok(None) => Ok(None),
+        Err(e) if e.is_data_error() => {
+            tracing::warn!(error = %e, "batch refused by the database; committing its messages one by one");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -15,7 +15,10 @@ use crate::config::{AfterAction, Config, MailboxConfig};
 use crate::credentials::{CredentialError, Credentials};
 use crate::failpoint;
 use crate::imap::{Endpoint, ImapError, MailSession};
-use crate::pipeline::{IngestError, Pipeline, Source, commit, prepare};
+use crate::pipeline::{
+    CommitMode, IngestError, Ingested, Pipeline, Source, commit, commit_batch, prepare,
+    prepare_staged,
+};
 use crate::registry::{Location, Origin, Outcome, RegistryError, UidValidityCheck};
 
 /// Everything a poll needs, shared by all mailbox tasks.
@@ -358,112 +361,45 @@ async fn process_batches(
             tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
             report.vanished.push(*uid);
         }
-        let middle = batch.fetched.len() / 2;
-        let size = batch.asked.len();
-        let fetched_at = batch.fetched_at;
-        // Messages of a batch are prepared (hashed, stored, parsed) in parallel, bounded by the
-        // batch's byte limit, and committed strictly in UID order.
-        let source_of = |uid: u32| Source {
-            origin: Origin::Imap(Location {
-                mailbox_id: mb.id.clone(),
-                folder: mb.folder.clone(),
-                uidvalidity,
-                uid,
-            }),
-            ack: ack_action(&mb.after),
-            quarantine_ack: ack_action(&mb.after_quarantine),
-            fetched_at: Some(fetched_at.clone()),
+        let work = Batch {
+            p,
+            uidvalidity,
+            fetched_at: batch.fetched_at,
+            middle: batch.fetched.len() / 2,
+            size: batch.asked.len(),
         };
-        let pipeline = &p.ctx.pipeline;
-        // Spawned, not merely buffered: a preparation must make progress (and give its database
-        // connection back) while the commit loop is busy, or a few of them starve the pool.
-        let spawn = |msg: crate::imap::Fetched| {
-            let source = source_of(msg.uid);
-            let task_pipeline = pipeline.clone();
-            let task_source = source.clone();
-            let handle =
-                tokio::spawn(async move { prepare(&task_pipeline, msg.raw, &task_source).await });
-            (msg.uid, source, handle)
+        let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+        let mut outcomes = Outcomes {
+            mb,
+            report: &mut *report,
+            registered: &mut *registered,
         };
-        let parallel = p.ctx.config.imap.parallel_messages;
-        let mut waiting = batch.fetched.into_iter();
-        let mut in_flight: std::collections::VecDeque<_> =
-            waiting.by_ref().take(parallel).map(spawn).collect();
-        let mut index = 0;
-        while let Some((uid, source, handle)) = in_flight.pop_front() {
-            if let Some(next) = waiting.next() {
-                in_flight.push_back(spawn(next));
+        // One transaction for the batch, unless one of its messages was attempted before:
+        // then each goes alone, so that only a message at fault is held against itself.
+        let grouped = p.ctx.config.commit == CommitMode::PerBatch
+            && uids.len() > 1
+            && p.ctx
+                .pipeline
+                .registry
+                .begin_batch_attempts(&mb.id, &mb.folder, uidvalidity, &uids)
+                .await
+                .map_err(p.reg())?;
+        let result = if grouped {
+            work.commit_together(batch.fetched, &mut outcomes, cancel)
+                .await
+        } else {
+            work.commit_each(batch.fetched, &mut outcomes, cancel).await
+        };
+        if let Err(e) = result {
+            // The run stops (disk full, database gone). What did commit is still
+            // acknowledged if the server and database let us; if not, next run.
+            if let Err(ack_error) = request_acks(&acks).await {
+                tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
             }
-            let result = match handle.await {
-                Ok(result) => result,
-                Err(join) => Err(IngestError::Failed {
-                    attempt: 0,
-                    max: pipeline.limits.max_attempts,
-                    detail: format!("internal error: {join}"),
-                }),
-            };
-            if cancel.is_cancelled() {
-                report.interrupted = true;
-                break;
-            }
-            let outcome = match result {
-                Ok(message) => commit(pipeline, message, &source).await,
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(done) => {
-                    registered.insert(uid);
-                    match &done.outcome {
-                        Outcome::Registered { id, number } => {
-                            report.registered += 1;
-                            tracing::info!(
-                                mailbox = %mb.id,
-                                uid,
-                                record = id,
-                                number = %number,
-                                raw_sha256 = %done.raw_sha256,
-                                attachments = done.attachments,
-                                "registered"
-                            );
-                        }
-                        Outcome::Quarantined { id } => {
-                            report.quarantined += 1;
-                            tracing::warn!(mailbox = %mb.id, uid, record = id, raw_sha256 = %done.raw_sha256, "quarantined");
-                        }
-                        Outcome::Linked { id, status } => {
-                            report.linked += 1;
-                            tracing::info!(mailbox = %mb.id, uid, record = id, status = status.as_str(), "same bytes recorded before: linked");
-                        }
-                        Outcome::AlreadyKnown { .. } => report.already_registered += 1,
-                    }
-                    if index == middle && size >= 3 {
-                        failpoint::hit("mid-batch");
-                    }
-                }
-                Err(e) if e.is_message_specific() => {
-                    tracing::error!(mailbox = %mb.id, uid, error = %e, "message not registered; left unacknowledged on the server");
-                    report.failed.push((uid, e.to_string()));
-                }
-                Err(e) => {
-                    // The run stops (disk full, database gone). What did commit is still
-                    // acknowledged if the server and database let us; if not, next run.
-                    for (_, _, handle) in &in_flight {
-                        handle.abort();
-                    }
-                    if let Err(ack_error) = request_acks(&acks).await {
-                        tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
-                    }
-                    return Err(PollError::Ingest {
-                        mailbox: mb.id.clone(),
-                        source: e,
-                    });
-                }
-            }
-            index += 1;
-        }
-        // Stopped early (shutdown): preparations still running only leave harmless blobs.
-        for (_, _, handle) in &in_flight {
-            handle.abort();
+            return Err(PollError::Ingest {
+                mailbox: mb.id.clone(),
+                source: e,
+            });
         }
         // Acknowledge what this batch committed before the next batch is taken.
         report.acked += request_acks(&acks).await?;
@@ -472,6 +408,286 @@ async fn process_batches(
         }
     }
     Ok(())
+}
+
+/// One fetched batch being prepared and committed.
+struct Batch<'a, 'b> {
+    p: &'a Poller<'b>,
+    uidvalidity: u32,
+    fetched_at: String,
+    middle: usize,
+    size: usize,
+}
+
+/// Tallies what became of each message in the poll report.
+struct Outcomes<'a> {
+    mb: &'a MailboxConfig,
+    report: &'a mut PollReport,
+    registered: &'a mut HashSet<u32>,
+}
+
+impl Outcomes<'_> {
+    /// Records one message's outcome; an error that must stop the run is handed back.
+    fn note(&mut self, uid: u32, result: Result<Ingested, IngestError>) -> Result<(), IngestError> {
+        let mb = self.mb;
+        let report = &mut *self.report;
+        match result {
+            Ok(done) => {
+                self.registered.insert(uid);
+                match &done.outcome {
+                    Outcome::Registered { id, number } => {
+                        report.registered += 1;
+                        tracing::info!(
+                            mailbox = %mb.id,
+                            uid,
+                            record = id,
+                            number = %number,
+                            raw_sha256 = %done.raw_sha256,
+                            attachments = done.attachments,
+                            "registered"
+                        );
+                    }
+                    Outcome::Quarantined { id } => {
+                        report.quarantined += 1;
+                        tracing::warn!(mailbox = %mb.id, uid, record = id, raw_sha256 = %done.raw_sha256, "quarantined");
+                    }
+                    Outcome::Linked { id, status } => {
+                        report.linked += 1;
+                        tracing::info!(mailbox = %mb.id, uid, record = id, status = status.as_str(), "same bytes recorded before: linked");
+                    }
+                    Outcome::AlreadyKnown { .. } => report.already_registered += 1,
+                }
+                Ok(())
+            }
+            Err(e) if e.is_message_specific() => {
+                tracing::error!(mailbox = %mb.id, uid, error = %e, "message not registered; left unacknowledged on the server");
+                report.failed.push((uid, e.to_string()));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Batch<'_, '_> {
+    fn source(&self, uid: u32) -> Source {
+        let mb = self.p.mb;
+        Source {
+            origin: Origin::Imap(Location {
+                mailbox_id: mb.id.clone(),
+                folder: mb.folder.clone(),
+                uidvalidity: self.uidvalidity,
+                uid,
+            }),
+            ack: ack_action(&mb.after),
+            quarantine_ack: ack_action(&mb.after_quarantine),
+            fetched_at: Some(self.fetched_at.clone()),
+        }
+    }
+
+    /// Starts preparations for the messages, at most `parallel_messages` at a time, and
+    /// yields them in UID order. Spawned, not merely buffered: a preparation must make
+    /// progress (and give its database connection back) while the caller is busy committing,
+    /// or a few of them starve the pool.
+    fn prepared_in_order<T: Send + 'static, F>(
+        &self,
+        fetched: Vec<crate::imap::Fetched>,
+        start: F,
+    ) -> InOrder<T, impl FnMut(crate::imap::Fetched) -> Spawned<T>>
+    where
+        F: Fn(Pipeline, Vec<u8>, Source) -> tokio::task::JoinHandle<Result<T, IngestError>>,
+    {
+        let pipeline = self.p.ctx.pipeline.clone();
+        let sources: std::collections::HashMap<u32, Source> = fetched
+            .iter()
+            .map(|f| (f.uid, self.source(f.uid)))
+            .collect();
+        let spawn = move |msg: crate::imap::Fetched| {
+            let source = sources[&msg.uid].clone();
+            let handle = start(pipeline.clone(), msg.raw, source.clone());
+            (msg.uid, source, handle)
+        };
+        InOrder::new(fetched, self.p.ctx.config.imap.parallel_messages, spawn)
+    }
+
+    /// One registry transaction per message, in UID order (the default).
+    async fn commit_each(
+        &self,
+        fetched: Vec<crate::imap::Fetched>,
+        outcomes: &mut Outcomes<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<(), IngestError> {
+        let pipeline = &self.p.ctx.pipeline;
+        let mut queue = self.prepared_in_order(fetched, |pipeline, raw, source| {
+            tokio::spawn(async move { prepare(&pipeline, raw, &source).await })
+        });
+        let mut index = 0;
+        while let Some((uid, source, result)) = queue.next(pipeline).await {
+            if cancel.is_cancelled() {
+                outcomes.report.interrupted = true;
+                break;
+            }
+            let result = match result {
+                Ok(message) => commit(pipeline, message, &source).await,
+                Err(e) => Err(e),
+            };
+            let ok = result.is_ok();
+            outcomes.note(uid, result)?;
+            if ok && index == self.middle && self.size >= 3 {
+                failpoint::hit("mid-batch");
+            }
+            index += 1;
+        }
+        // Stopped early (shutdown): preparations still running only leave harmless blobs.
+        Ok(())
+    }
+
+    /// The whole batch in one registry transaction ([`CommitMode::PerBatch`]): the attempts were
+    /// counted together, every blob is staged, then published with one flush, then one commit.
+    async fn commit_together(
+        &self,
+        fetched: Vec<crate::imap::Fetched>,
+        outcomes: &mut Outcomes<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<(), IngestError> {
+        let pipeline = &self.p.ctx.pipeline;
+        let mb = self.p.mb;
+        let uids: Vec<u32> = fetched.iter().map(|f| f.uid).collect();
+        let Err(uncommitted) = self.stage_and_commit(fetched, outcomes, cancel).await else {
+            return Ok(());
+        };
+        // Not the messages' fault (disk full, database gone, shutdown): take the attempts back
+        // for those that did not commit.
+        let pending: Vec<u32> = uids
+            .iter()
+            .copied()
+            .filter(|u| !outcomes.registered.contains(u))
+            .collect();
+        if !pending.is_empty()
+            && let Err(e) = pipeline
+                .registry
+                .forget_batch_attempts(&mb.id, &mb.folder, self.uidvalidity, &pending)
+                .await
+        {
+            tracing::warn!(mailbox = %mb.id, error = %e, "could not take back processing attempts");
+        }
+        match uncommitted {
+            Some(e) => Err(e),
+            None => Ok(()), // shutdown
+        }
+    }
+
+    /// `Err(None)`: stopped for shutdown before anything was committed.
+    async fn stage_and_commit(
+        &self,
+        fetched: Vec<crate::imap::Fetched>,
+        outcomes: &mut Outcomes<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Option<IngestError>> {
+        let pipeline = &self.p.ctx.pipeline;
+        let mut staged = pipeline
+            .store
+            .staging()
+            .map_err(|e| Some(IngestError::from(e)))?;
+        let mut ready = Vec::with_capacity(fetched.len());
+        let mut queue = self.prepared_in_order(fetched, |pipeline, raw, source| {
+            tokio::spawn(async move { prepare_staged(&pipeline, raw, &source).await })
+        });
+        while let Some((uid, source, result)) = queue.next(pipeline).await {
+            match result {
+                Ok((message, blobs)) => {
+                    staged.absorb(blobs);
+                    ready.push((message, source));
+                }
+                // A failure of this message alone: it stays out of the batch, unacknowledged.
+                Err(e) => outcomes.note(uid, Err(e)).map_err(Some)?,
+            }
+        }
+        if cancel.is_cancelled() {
+            outcomes.report.interrupted = true;
+            return Err(None);
+        }
+        let store = std::sync::Arc::clone(&pipeline.store);
+        tokio::task::spawn_blocking(move || store.publish(staged))
+            .await
+            .map_err(|join| {
+                Some(IngestError::Failed {
+                    attempt: 1,
+                    max: pipeline.limits.max_attempts,
+                    detail: format!("internal error: {join}"),
+                })
+            })?
+            .map_err(|e| Some(IngestError::from(e)))?;
+        match commit_batch(pipeline, &ready).await.map_err(Some)? {
+            Some(done) => {
+                for ((_, source), result) in ready.iter().zip(done) {
+                    outcomes.note(uid_of(source), Ok(result)).map_err(Some)?;
+                }
+            }
+            None => {
+                // Could not commit as one: the same messages, one transaction each.
+                for (message, source) in ready {
+                    let result = commit(pipeline, message, &source).await;
+                    outcomes.note(uid_of(&source), result).map_err(Some)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn uid_of(source: &Source) -> u32 {
+    source.origin.location().map_or(0, |l| l.uid)
+}
+
+type Spawned<T> = (u32, Source, tokio::task::JoinHandle<Result<T, IngestError>>);
+
+/// Preparations in flight, handed out in the order the messages were fetched.
+struct InOrder<T, S> {
+    waiting: std::vec::IntoIter<crate::imap::Fetched>,
+    in_flight: std::collections::VecDeque<Spawned<T>>,
+    spawn: S,
+}
+
+impl<T, S: FnMut(crate::imap::Fetched) -> Spawned<T>> InOrder<T, S> {
+    fn new(fetched: Vec<crate::imap::Fetched>, parallel: usize, mut spawn: S) -> Self {
+        let mut waiting = fetched.into_iter();
+        let in_flight = waiting
+            .by_ref()
+            .take(parallel.max(1))
+            .map(&mut spawn)
+            .collect();
+        InOrder {
+            waiting,
+            in_flight,
+            spawn,
+        }
+    }
+
+    async fn next(&mut self, pipeline: &Pipeline) -> Option<(u32, Source, Result<T, IngestError>)> {
+        let (uid, source, handle) = self.in_flight.pop_front()?;
+        if let Some(next) = self.waiting.next() {
+            self.in_flight.push_back((self.spawn)(next));
+        }
+        let result = match handle.await {
+            Ok(result) => result,
+            Err(join) => Err(IngestError::Failed {
+                attempt: 0,
+                max: pipeline.limits.max_attempts,
+                detail: format!("internal error: {join}"),
+            }),
+        };
+        Some((uid, source, result))
+    }
+}
+
+impl<T, S> Drop for InOrder<T, S> {
+    fn drop(&mut self) {
+        // Stopped early: preparations still running only leave harmless blobs.
+        for (_, _, handle) in &self.in_flight {
+            handle.abort();
+        }
+    }
 }
 
 fn ack_action(after: &AfterAction) -> Option<String> {

@@ -169,3 +169,31 @@ fn check_config_command_exits_2_with_file_line_and_fix() {
     assert!(stdout.contains("mailbox podatelna"), "{stdout}");
     assert!(!stdout.contains('x') || !stdout.contains("secret: x"));
 }
+
+#[test]
+fn commit_mode_is_checked_and_batch_needs_room_for_one_crash() {
+    let c = Config::parse(Path::new("/etc/mailintake/test.toml"), GOOD, &env()).unwrap();
+    assert_eq!(c.commit, mailintake::pipeline::CommitMode::PerMessage);
+    let batch = GOOD.replace(
+        "data_dir = \"data\"\n",
+        "data_dir = \"data\"\n[registry]\ncommit = \"batch\"\n",
+    );
+    let c = Config::parse(Path::new("/etc/mailintake/test.toml"), &batch, &env()).unwrap();
+    assert_eq!(c.commit, mailintake::pipeline::CommitMode::PerBatch);
+
+    let typo = GOOD.replace(
+        "data_dir = \"data\"\n",
+        "data_dir = \"data\"\n[registry]\ncommit = \"batches\"\n",
+    );
+    let p = problems(&typo);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "registry.commit");
+    assert_eq!(p[0].line, Some(4));
+    assert!(p[0].problem.contains("\"batches\""), "{p:?}");
+
+    let one_attempt = format!("{batch}\n[limits]\nmax_attempts = 1\n");
+    let p = problems(&one_attempt);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "registry.commit");
+    assert!(p[0].problem.contains("max_attempts"), "{p:?}");
+}

@@ -424,3 +424,204 @@ async fn disk_full_means_no_commit_no_ack_a_clear_error_and_recovery_once_space_
     }
     assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
 }
+
+// ---------------------------------------------------------------------------------------------
+// `[registry] commit = "batch"`: one transaction, one flush and one acknowledgement per fetched
+// batch. The same invariant, with crash points that fall between batches.
+
+const BATCH_COMMIT: &str = "[registry]\ncommit = \"batch\"\n";
+
+mod batch_commit {
+    use super::*;
+
+    macro_rules! both {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestDb::sqlite()).await })*
+            }
+            mod postgres {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestDb::postgres()).await })*
+            }
+        };
+    }
+
+    both!(
+        killed_after_fetch,
+        killed_after_blobs_published,
+        killed_after_commit_before_ack,
+        a_crash_counts_once_against_the_batch_then_each_message_goes_alone,
+        random_sigkills,
+    );
+
+    /// 12 messages in batches of 4, committed per batch; the run is killed at `failpoint`.
+    async fn crash(db: &TestDb, failpoint: &str, tables: &str) -> Bed {
+        let mut bed = bed(db).await;
+        bed.imap_extra = "batch_max_messages = 4".into();
+        bed.tables = format!("{BATCH_COMMIT}{tables}");
+        bed.configure(&[mailbox()]);
+        for raw in messages(12, 2_000) {
+            bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+        }
+        let out = bed
+            .run_once_env(&[("MAILINTAKE_FAILPOINT", failpoint)])
+            .await;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "expected SIGKILL at {failpoint}: {}",
+            text(&out)
+        );
+        assert_no_ack_without_commit(&bed).await;
+        bed
+    }
+
+    async fn counts(bed: &Bed) -> (usize, usize) {
+        let registry = bed.registry().await;
+        let records = registry.list(None, 100).await.unwrap().len();
+        let pending = registry
+            .pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .len();
+        registry.close().await;
+        (records, pending)
+    }
+
+    async fn recover(bed: &Bed) {
+        let out = bed.run_once().await;
+        assert!(out.status.success(), "recovery run: {}", text(&out));
+        assert_eq!(reconcile(bed).await, 12);
+    }
+
+    async fn killed_after_fetch(db: TestDb) {
+        // The first batch committed as one and acknowledged; the second fetched, nothing stored.
+        let bed = crash(&db, "after-fetch:2", "").await;
+        assert_eq!(counts(&bed).await, (4, 0));
+        recover(&bed).await;
+    }
+
+    async fn killed_after_blobs_published(db: TestDb) {
+        // The second batch's blobs are durable, its transaction never ran: none of it is
+        // recorded or \Seen, and after recovery no blob is orphaned.
+        let bed = crash(&db, "after-raw-write:2", "").await;
+        assert_eq!(counts(&bed).await, (4, 0));
+        let seen = bed.seen(USER, "INBOX");
+        assert_eq!(seen.values().filter(|s| **s).count(), 4, "{seen:?}");
+        recover(&bed).await;
+        let out = bed
+            .command(&["registry", "gc", "--dry-run", "--min-age-secs", "0"], &[])
+            .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(stdout.contains("0 orphaned blob(s)"), "{stdout}");
+        // Staged files never linger in tmp/.
+        assert_eq!(
+            std::fs::read_dir(bed.data_dir().join("tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    async fn killed_after_commit_before_ack(db: TestDb) {
+        // The second batch committed as one, not acknowledged: its four ack rows survive the
+        // kill and are replayed by the next run.
+        let bed = crash(&db, "after-commit:2", "").await;
+        assert_eq!(counts(&bed).await, (8, 4));
+        recover(&bed).await;
+    }
+
+    async fn a_crash_counts_once_against_the_batch_then_each_message_goes_alone(db: TestDb) {
+        // Killed with the first batch in hand: one attempt is counted against each of its four
+        // messages. The next run takes that batch one message at a time and dies on UID 2 (its
+        // second death); the third run quarantines UID 2 as poison (max_attempts = 2) and
+        // registers UIDs 3 and 4, which died with the batch only once. Were the batch counted
+        // as a whole again, they would be quarantined too.
+        let bed = crash(&db, "after-raw-write:1", "[limits]\nmax_attempts = 2\n").await;
+        assert_eq!(counts(&bed).await, (0, 0));
+        let out = bed
+            .run_once_env(&[("MAILINTAKE_FAILPOINT", "after-raw-write:2")])
+            .await;
+        assert_eq!(out.status.signal(), Some(9), "{}", text(&out));
+        assert_eq!(counts(&bed).await.0, 1, "UID 1 registered alone");
+        assert_no_ack_without_commit(&bed).await;
+        recover(&bed).await;
+        let registry = bed.registry().await;
+        let quarantined = registry.list(Some(Status::Quarantined), 100).await.unwrap();
+        let uids: BTreeMap<i64, u32> = registry
+            .locations("podatelna")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, uid, id)| (id, uid))
+            .collect();
+        let poisoned: Vec<u32> = quarantined.iter().map(|r| uids[&r.id]).collect();
+        assert_eq!(
+            poisoned,
+            vec![2],
+            "only the message at fault is quarantined"
+        );
+        assert_eq!(quarantined[0].reason_code.as_deref(), Some("poison"));
+        registry.close().await;
+    }
+
+    async fn random_sigkills(db: TestDb) {
+        // Ten SIGKILLs at random moments during a 120-message ingest in batches of 10.
+        let mut bed = bed(&db).await;
+        bed.imap_extra = "batch_max_messages = 10".into();
+        bed.tables = BATCH_COMMIT.into();
+        bed.configure(&[mailbox()]);
+        let n = 120;
+        for raw in messages(n, 200_000) {
+            bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+        }
+        let seed: u64 = std::env::var("MAILINTAKE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("batch random kill loop: seed {seed} (set MAILINTAKE_TEST_SEED to replay)");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let registry = bed.registry().await;
+        let started = Instant::now();
+        let mut kills = 0;
+        while kills < 10 {
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "kill loop took too long"
+            );
+            // After 0-1 more batches are recorded, plus 0-60 ms.
+            let baseline = registry.list(None, 1000).await.unwrap().len();
+            let more = rand::Rng::random_range(&mut rng, 0..=1usize) * 10;
+            let jitter = rand::Rng::random_range(&mut rng, 0..60u64);
+            let mut child = bed.spawn_run_once();
+            let wait_until = Instant::now() + Duration::from_secs(30);
+            while registry.list(None, 1000).await.unwrap().len() < baseline + more
+                && Instant::now() < wait_until
+                && child.try_wait().unwrap().is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            let _ = child.kill(); // SIGKILL
+            let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+                .await
+                .unwrap();
+            if status.signal() == Some(9) {
+                kills += 1;
+            }
+            assert_no_ack_without_commit(&bed).await;
+        }
+        let before = registry.list(None, 1000).await.unwrap().len();
+        eprintln!("{kills} SIGKILLs; {before} of {n} recorded before the final run");
+        assert!(
+            before < n,
+            "the kills came too late to interrupt the ingest"
+        );
+        let out = bed.run_once().await;
+        assert!(out.status.success(), "final run: {}", text(&out));
+        assert_eq!(reconcile(&bed).await, n);
+        registry.close().await;
+    }
+}

@@ -13,6 +13,14 @@ use super::{
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
+/// What became of one registration inside a transaction.
+enum Step {
+    /// Written (or nothing to write): the transaction may commit.
+    Keep(Outcome),
+    /// Another writer got there first: the transaction must be rolled back.
+    Undo(Outcome),
+}
+
 pub(super) struct Loc<'a> {
     pub(super) owner: &'a str,
     pub(super) folder: &'a str,
@@ -109,9 +117,52 @@ impl Registry {
     /// transaction with its attachments, location, pending acknowledgement and audit events.
     /// A location recorded before writes nothing.
     pub async fn register(&self, rec: NewRecord<'_>) -> Result<Outcome, RegistryError> {
-        let loc = loc_of(rec.origin);
         let mut tx = self.begin_write().await?;
+        match self.register_in(&mut tx, &rec).await? {
+            Step::Keep(outcome) => {
+                tx.commit()
+                    .await
+                    .map_err(RegistryError::db("commit registration"))?;
+                Ok(outcome)
+            }
+            Step::Undo(outcome) => {
+                tx.rollback()
+                    .await
+                    .map_err(RegistryError::db("end transaction"))?;
+                Ok(outcome)
+            }
+        }
+    }
 
+    /// Registers several messages (in the order given) in one transaction, as [`Registry::register`]
+    /// does each. `Ok(None)`: one of their locations was recorded by another writer meanwhile;
+    /// nothing is committed and the caller registers them one by one.
+    pub async fn register_batch(
+        &self,
+        recs: &[NewRecord<'_>],
+    ) -> Result<Option<Vec<Outcome>>, RegistryError> {
+        let mut tx = self.begin_write().await?;
+        let mut outcomes = Vec::with_capacity(recs.len());
+        for rec in recs {
+            match self.register_in(&mut tx, rec).await? {
+                Step::Keep(outcome) => outcomes.push(outcome),
+                Step::Undo(_) => {
+                    tx.rollback()
+                        .await
+                        .map_err(RegistryError::db("end transaction"))?;
+                    return Ok(None);
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit registrations"))?;
+        Ok(Some(outcomes))
+    }
+
+    /// The statements of one registration inside `tx`.
+    async fn register_in(&self, tx: &mut Tx, rec: &NewRecord<'_>) -> Result<Step, RegistryError> {
+        let loc = loc_of(rec.origin);
         // This location, recorded before (a retry after a crash between commit and ack)?
         if loc.uid.is_some() {
             let known = sqlx::query(
@@ -122,19 +173,17 @@ impl Registry {
             .bind(loc.folder)
             .bind(loc.uidvalidity)
             .bind(loc.uid)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await
             .map_err(RegistryError::db("look up location"))?;
             if let Some(row) = known {
-                tx.rollback()
-                    .await
-                    .map_err(RegistryError::db("end transaction"))?;
-                return Ok(Outcome::AlreadyKnown { id: row.get(0) });
+                // Nothing written for it: the transaction may go on.
+                return Ok(Step::Keep(Outcome::AlreadyKnown { id: row.get(0) }));
             }
         }
 
         let at = now();
-        let inserted = self.insert_message(&mut tx, &rec, &loc, &at).await?;
+        let inserted = self.insert_message(tx, rec, &loc, &at).await?;
         let (id, outcome) = match inserted {
             Some((id, number)) => {
                 if let Content::Registered(s) = rec.content {
@@ -150,7 +199,7 @@ impl Registry {
                         .bind(clean(&a.content_type))
                         .bind(a.size() as i64)
                         .bind(a.sha256.to_hex())
-                        .execute(&mut *tx)
+                        .execute(&mut **tx)
                         .await
                         .map_err(RegistryError::db("insert attachment"))?;
                     }
@@ -182,7 +231,7 @@ impl Registry {
                     .map(|(kind, when)| (*kind, when.as_str(), None))
                     .collect();
                 events.push((last_kind, &at, Some(&last_detail)));
-                insert_events(&mut tx, &events, &loc, Some(id)).await?;
+                insert_events(tx, &events, &loc, Some(id)).await?;
                 (id, outcome)
             }
             None => {
@@ -192,7 +241,7 @@ impl Registry {
                 )
                 .bind(loc.owner)
                 .bind(rec.raw_sha256.to_hex())
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut **tx)
                 .await
                 .map_err(RegistryError::db("find record of the same bytes"))?;
                 let id: i64 = row.get(0);
@@ -202,7 +251,7 @@ impl Registry {
                     "same bytes as record {id}{}",
                     number.map(|n| format!(" ({n})")).unwrap_or_default()
                 );
-                insert_event(&mut tx, "linked", &at, &loc, Some(id), Some(&detail)).await?;
+                insert_event(tx, "linked", &at, &loc, Some(id), Some(&detail)).await?;
                 (
                     id,
                     Outcome::Linked {
@@ -226,15 +275,12 @@ impl Registry {
         .bind(loc.source)
         .bind(loc.source_ref.map(clean))
         .bind(&at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await
         .map_err(RegistryError::db("insert location"))?;
         if location.is_none() {
             // Another worker recorded this location meanwhile: undo everything (numbers too).
-            tx.rollback()
-                .await
-                .map_err(RegistryError::db("end transaction"))?;
-            return Ok(Outcome::AlreadyKnown { id });
+            return Ok(Step::Undo(Outcome::AlreadyKnown { id }));
         }
         if let (Some(action), Some(uidvalidity), Some(uid)) = (&rec.ack, loc.uidvalidity, loc.uid) {
             sqlx::query(
@@ -249,7 +295,7 @@ impl Registry {
             .bind(action.as_str())
             .bind(id)
             .bind(&at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(RegistryError::db("insert pending ack"))?;
         }
@@ -261,14 +307,11 @@ impl Registry {
             .bind(loc.folder)
             .bind(uidvalidity)
             .bind(uid)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(RegistryError::db("clear processing attempts"))?;
         }
-        tx.commit()
-            .await
-            .map_err(RegistryError::db("commit registration"))?;
-        Ok(outcome)
+        Ok(Step::Keep(outcome))
     }
 
     /// Inserts the message row unless the same bytes are recorded for this owner already.

@@ -204,6 +204,107 @@ impl Registry {
         Ok((row.get::<i64, _>(0) as u32, row.get(1)))
     }
 
+    /// For a batch committed as one: counts one processing attempt for each of `uids` in one
+    /// transaction, unless one of them was attempted before (it failed, or a worker died with it
+    /// in hand) — then nothing is counted, `false` is returned, and the caller processes the batch
+    /// one message at a time, so that only the message at fault accumulates attempts.
+    pub async fn begin_batch_attempts(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<bool, RegistryError> {
+        let mut tx = self.begin_write().await?;
+        for chunk in uids.chunks(ATTEMPT_CHUNK) {
+            let sql = format!(
+                "SELECT COUNT(*) FROM processing_attempts \
+                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND attempts > 0 AND uid IN ({})",
+                placeholders(4, chunk.len())
+            );
+            // Only placeholders were added to the constant text: no value reaches the SQL.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(mailbox_id)
+                .bind(folder)
+                .bind(i64::from(uidvalidity));
+            for uid in chunk {
+                query = query.bind(i64::from(*uid));
+            }
+            let tried: i64 = query
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(RegistryError::db("look up processing attempts"))?
+                .get(0);
+            if tried > 0 {
+                tx.rollback()
+                    .await
+                    .map_err(RegistryError::db("end transaction"))?;
+                return Ok(false);
+            }
+        }
+        let at = now();
+        for chunk in uids.chunks(ATTEMPT_CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("($1, $2, $3, ${}, 1, $4)", i + 5))
+                .collect();
+            let sql = format!(
+                "INSERT INTO processing_attempts (mailbox_id, folder, uidvalidity, uid, attempts, updated_at) \
+                 VALUES {} ON CONFLICT (mailbox_id, folder, uidvalidity, uid) \
+                 DO UPDATE SET attempts = processing_attempts.attempts + 1, updated_at = $4",
+                rows.join(", ")
+            );
+            // Only placeholders were added to the constant text: no value reaches the SQL.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(mailbox_id)
+                .bind(folder)
+                .bind(i64::from(uidvalidity))
+                .bind(&at);
+            for uid in chunk {
+                query = query.bind(i64::from(*uid));
+            }
+            query
+                .execute(&mut *tx)
+                .await
+                .map_err(RegistryError::db("count processing attempts"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit processing attempts"))?;
+        Ok(true)
+    }
+
+    /// Takes back the attempts counted by [`Registry::begin_batch_attempts`] for the messages
+    /// of a batch that did not commit for a reason not theirs (disk full, database gone,
+    /// shutdown).
+    pub async fn forget_batch_attempts(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<(), RegistryError> {
+        for chunk in uids.chunks(ATTEMPT_CHUNK) {
+            let sql = format!(
+                "UPDATE processing_attempts SET attempts = attempts - 1 \
+                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND attempts > 0 AND uid IN ({})",
+                placeholders(4, chunk.len())
+            );
+            // Only placeholders were added to the constant text: no value reaches the SQL.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(mailbox_id)
+                .bind(folder)
+                .bind(i64::from(uidvalidity));
+            for uid in chunk {
+                query = query.bind(i64::from(*uid));
+            }
+            query
+                .execute(&self.pool)
+                .await
+                .map_err(RegistryError::db("take back processing attempts"))?;
+        }
+        Ok(())
+    }
+
     /// Takes back the attempt counted by [`Registry::begin_attempt`] when the failure was the
     /// environment's (disk full, database unreachable), not the message's.
     pub async fn forget_attempt(&self, loc: &Location) -> Result<(), RegistryError> {
@@ -238,4 +339,15 @@ impl Registry {
         .map_err(RegistryError::db("record processing failure"))?;
         Ok(())
     }
+}
+
+/// UIDs per statement in the batch attempt queries (well under SQLite's parameter limit).
+const ATTEMPT_CHUNK: usize = 400;
+
+/// `$first, $first+1, …` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
