@@ -220,48 +220,71 @@ pub async fn prepare(
     })
 }
 
-/// [`prepare`] for a message of a batch committed as one ([`CommitMode::PerBatch`]): the
-/// attempt was counted for the whole batch (see `Registry::begin_batch_attempts`), and the
-/// blobs are staged, to be made durable together with the batch's by `RawStore::publish`
-/// before [`commit_batch`].
+/// [`prepare`] for the messages of a batch committed as one ([`CommitMode::PerBatch`]), in
+/// order, on one blocking thread: the attempts were counted for the whole batch (see
+/// `Registry::begin_batch_attempts`), and the blobs are staged, to be made durable together by
+/// `RawStore::publish` before [`commit_batch`]. A message whose preparation panics fails alone;
+/// a store error (disk full) fails the call.
 pub async fn prepare_staged(
     p: &Pipeline,
-    raw: Vec<u8>,
-    source: &Source,
-) -> Result<(PreparedMessage, Staged), IngestError> {
-    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+    messages: Vec<(Vec<u8>, Source)>,
+) -> Result<(Vec<(Source, Result<PreparedMessage, IngestError>)>, Staged), IngestError> {
     let limits = p.limits;
     let store = Arc::clone(&p.store);
-    let raw_size = raw.len() as u64;
     let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let mut staged = store.staging()?;
-        let mut sink = BlobSink {
-            store: &store,
-            staged: Some(&mut staged),
-        };
-        let prepared = prepare_blocking(&mut sink, &raw, limits, None)?;
-        Ok((prepared, staged))
+        let mut out = Vec::with_capacity(messages.len());
+        for (raw, source) in messages {
+            let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+            let raw_size = raw.len() as u64;
+            let mut sink = BlobSink {
+                store: &store,
+                staged: Some(&mut staged),
+            };
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                prepare_blocking(&mut sink, &raw, limits, None)
+            }));
+            let prepared = match attempt {
+                Ok(result) => {
+                    let (digest, stored_at, prepared) = result?;
+                    Ok(PreparedMessage {
+                        digest,
+                        raw_size,
+                        attempt: 1,
+                        timeline: [
+                            ("fetched", fetched_at),
+                            ("stored", stored_at),
+                            ("parsed", now()),
+                        ],
+                        prepared,
+                    })
+                }
+                Err(panic) => Err(format!("internal error: {}", parse::panic_text(&panic))),
+            };
+            out.push((source, prepared));
+        }
+        Ok((out, staged))
     });
-    let ((digest, stored_at, prepared), staged) = match job.await {
-        Ok(Ok(prepared)) => prepared,
+    let (prepared, staged) = match job.await {
+        Ok(Ok(done)) => done,
         Ok(Err(store_error)) => return Err(store_error.into()),
         Err(join) => {
-            let detail = format!("internal error: {join}");
-            return Err(failed(p, source, 1, detail).await);
+            return Err(IngestError::Failed {
+                attempt: 1,
+                max: p.limits.max_attempts,
+                detail: format!("internal error: {join}"),
+            });
         }
     };
-    let message = PreparedMessage {
-        digest,
-        raw_size,
-        attempt: 1,
-        timeline: [
-            ("fetched", fetched_at),
-            ("stored", stored_at),
-            ("parsed", now()),
-        ],
-        prepared,
-    };
-    Ok((message, staged))
+    let mut out = Vec::with_capacity(prepared.len());
+    for (source, result) in prepared {
+        let result = match result {
+            Ok(message) => Ok(message),
+            Err(detail) => Err(failed(p, &source, 1, detail).await),
+        };
+        out.push((source, result));
+    }
+    Ok((out, staged))
 }
 
 /// The CPU and disk work of a preparation: raw blob, then poison / size checks, then the parse

@@ -589,18 +589,42 @@ impl Batch<'_, '_> {
             .store
             .staging()
             .map_err(|e| Some(IngestError::from(e)))?;
-        let mut ready = Vec::with_capacity(fetched.len());
-        let mut queue = self.prepared_in_order(fetched, |pipeline, raw, source| {
-            tokio::spawn(async move { prepare_staged(&pipeline, raw, &source).await })
-        });
-        while let Some((uid, source, result)) = queue.next(pipeline).await {
-            match result {
-                Ok((message, blobs)) => {
-                    staged.absorb(blobs);
-                    ready.push((message, source));
+        // Contiguous chunks, one blocking task each (`parallel_messages` of them), results
+        // taken in UID order.
+        let parallel = self.p.ctx.config.imap.parallel_messages.max(1);
+        let per_chunk = fetched.len().div_ceil(parallel).max(1);
+        let mut chunks = Vec::new();
+        let mut fetched = fetched.into_iter().peekable();
+        while fetched.peek().is_some() {
+            let chunk: Vec<(Vec<u8>, Source)> = fetched
+                .by_ref()
+                .take(per_chunk)
+                .map(|f| (f.raw, self.source(f.uid)))
+                .collect();
+            let pipeline = pipeline.clone();
+            chunks.push(AbortOnDrop(tokio::spawn(async move {
+                prepare_staged(&pipeline, chunk).await
+            })));
+        }
+        let mut ready = Vec::with_capacity(per_chunk * parallel);
+        for mut chunk in chunks {
+            let (prepared, blobs) = match (&mut chunk.0).await {
+                Ok(result) => result.map_err(Some)?,
+                Err(join) => {
+                    return Err(Some(IngestError::Failed {
+                        attempt: 1,
+                        max: pipeline.limits.max_attempts,
+                        detail: format!("internal error: {join}"),
+                    }));
                 }
-                // A failure of this message alone: it stays out of the batch, unacknowledged.
-                Err(e) => outcomes.note(uid, Err(e)).map_err(Some)?,
+            };
+            staged.absorb(blobs);
+            for (source, result) in prepared {
+                match result {
+                    Ok(message) => ready.push((message, source)),
+                    // A failure of this message alone: it stays out of the batch, unacknowledged.
+                    Err(e) => outcomes.note(uid_of(&source), Err(e)).map_err(Some)?,
+                }
             }
         }
         if cancel.is_cancelled() {
@@ -633,6 +657,15 @@ impl Batch<'_, '_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped (an early return).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -184,7 +184,9 @@ impl RawStore {
         let written = (|| -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
-            start_writeback(&f);
+            if bytes.len() >= EARLY_WRITEBACK_BYTES {
+                start_writeback(&f);
+            }
             Ok(())
         })();
         if let Err(source) = written {
@@ -332,6 +334,10 @@ impl Drop for Staged {
         }
     }
 }
+
+/// Blobs at least this large start their writeback as soon as they are staged; smaller ones
+/// wait for the one flush at publish time (a separate tiny I/O each would cost more).
+const EARLY_WRITEBACK_BYTES: usize = 1024 * 1024;
 
 /// Asks the kernel to start writing a file's dirty pages now, so that the flush at publish time
 /// finds most of them on disk already. Advisory: errors surface at the flush.

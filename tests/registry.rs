@@ -417,3 +417,182 @@ async fn many_processes_opening_a_fresh_registry_at_once_all_succeed(db: &TestDb
         );
     }
 }
+
+/// `[registry] commit = "batch"` writes a batch with a few set-based statements: it must leave
+/// exactly the rows that registering the same records one by one leaves — numbers, links,
+/// quarantine, attachments, locations, pending acknowledgements and the audit trail.
+async fn a_batch_writes_what_one_by_one_writes(one_by_one: TestDb, batched: TestDb) {
+    let (raw0, s0) = fixture(0);
+    let (raw1, s1) = fixture(1);
+    let (raw2, s2) = fixture(2);
+    let garbage = b"\x00\x01 not a message".to_vec();
+    let timeline = [
+        ("fetched", "2026-11-21T00:00:00.000001Z".to_owned()),
+        ("stored", "2026-11-21T00:00:00.000002Z".to_owned()),
+        ("parsed", "2026-11-21T00:00:00.000003Z".to_owned()),
+    ];
+    let origins: Vec<Origin> = (1..=6).map(imap).collect();
+    let record = |i: usize, raw: &[u8], content: Content<'static>| (i, raw.to_vec(), content);
+    let (s0, s1, s2): (
+        &'static Submission,
+        &'static Submission,
+        &'static Submission,
+    ) = (
+        Box::leak(Box::new(s0)),
+        Box::leak(Box::new(s1)),
+        Box::leak(Box::new(s2)),
+    );
+    let quarantined = Content::Quarantined {
+        reason_code: "parse:no-headers",
+        detail: "no RFC 5322 header could be found",
+    };
+    // UID 1: location known (registered before the batch); UID 2: bytes recorded before →
+    // linked; UID 3: new; UID 4: quarantined; UID 5: same bytes as UID 3 in the same batch →
+    // linked to it; UID 6: new, with attachments.
+    let batch = [
+        record(0, &raw0, Content::Registered(s0)),
+        record(1, &raw0, Content::Registered(s0)),
+        record(2, &raw1, Content::Registered(s1)),
+        record(3, &garbage, quarantined),
+        record(4, &raw1, Content::Registered(s1)),
+        record(5, &raw2, Content::Registered(s2)),
+    ];
+    let new_record = |(i, raw, content): &(usize, Vec<u8>, Content<'static>)| NewRecord {
+        origin: &origins[*i],
+        raw_sha256: Sha256Digest::of(raw),
+        raw_size: raw.len() as u64,
+        content: *content,
+        ack: Some("seen".into()),
+        timeline: &timeline,
+    };
+    let mut results = Vec::new();
+    for (db, batch_it) in [(&one_by_one, false), (&batched, true)] {
+        let r = Registry::open(&db.url()).await.unwrap();
+        register(&r, &origins[0], &raw0, s0).await;
+        let records: Vec<NewRecord<'_>> = batch.iter().map(new_record).collect();
+        let outcomes = if batch_it {
+            r.register_batch(&records)
+                .await
+                .unwrap()
+                .expect("no conflict")
+        } else {
+            let mut out = Vec::new();
+            for rec in records {
+                out.push(r.register(rec).await.unwrap());
+            }
+            out
+        };
+        let rows = r.list(None, 100).await.unwrap();
+        let sha_of = |id: i64| {
+            rows.iter()
+                .find(|m| m.id == id)
+                .map(|m| m.raw_sha256.clone())
+                .unwrap_or_default()
+        };
+        let mut messages: Vec<_> = rows
+            .iter()
+            .map(|m| {
+                (
+                    m.raw_sha256.clone(),
+                    m.status,
+                    m.registry_number.clone(),
+                    m.reason_code.clone(),
+                    m.reason_detail.clone(),
+                    m.raw_size,
+                    m.subject.clone(),
+                    m.rfc822_message_id.clone(),
+                    m.attachment_count,
+                )
+            })
+            .collect();
+        messages.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut attachments = Vec::new();
+        for m in &rows {
+            for a in r.attachments(m.id).await.unwrap() {
+                attachments.push((m.raw_sha256.clone(), format!("{a:?}")));
+            }
+        }
+        attachments.sort();
+        let mut locations: Vec<_> = r
+            .locations("podatelna")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(f, v, u, id)| (f, v, u, sha_of(id)))
+            .collect();
+        locations.sort();
+        let mut acks: Vec<_> = r
+            .pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.uid, a.action, sha_of(a.message_id)))
+            .collect();
+        acks.sort();
+        let mut events: Vec<_> = r
+            .events(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let timeline_at =
+                    e.at.starts_with("2026-11-21T00:00:00.00000")
+                        .then_some(e.at);
+                (
+                    e.uid,
+                    e.kind,
+                    timeline_at,
+                    e.message_id.map(sha_of),
+                    e.detail,
+                )
+            })
+            .collect();
+        events.sort();
+        let outcomes: Vec<String> = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Registered { id, number } => {
+                    format!("registered {} {number}", sha_of(*id))
+                }
+                Outcome::Quarantined { id } => format!("quarantined {}", sha_of(*id)),
+                Outcome::Linked { id, status } => format!("linked {} {status:?}", sha_of(*id)),
+                Outcome::AlreadyKnown { id } => format!("known {}", sha_of(*id)),
+            })
+            .collect();
+        results.push((outcomes, messages, attachments, locations, acks, events));
+        r.close().await;
+    }
+    let (a, b) = (&results[0], &results[1]);
+    assert_eq!(a.0, b.0, "outcomes");
+    assert_eq!(a.1, b.1, "messages");
+    assert_eq!(a.2, b.2, "attachments");
+    assert_eq!(a.3, b.3, "locations");
+    assert_eq!(a.4, b.4, "pending acks");
+    assert_eq!(a.5, b.5, "events");
+    // And what that is: numbers 1..3 without gaps, two links, one quarantine, one known.
+    let kinds: Vec<&str> = b.0.iter().map(|o| o.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "known",
+            "linked",
+            "registered",
+            "quarantined",
+            "linked",
+            "registered"
+        ]
+    );
+    let numbers: BTreeSet<String> = b.1.iter().filter_map(|m| m.2.clone()).collect();
+    assert_eq!(numbers, (1..=3).map(number).collect());
+    assert!(!b.2.is_empty(), "fixture 2 has attachments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_writes_what_one_by_one_writes_sqlite() {
+    a_batch_writes_what_one_by_one_writes(TestDb::sqlite(), TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_writes_what_one_by_one_writes_postgres() {
+    a_batch_writes_what_one_by_one_writes(TestDb::postgres(), TestDb::postgres()).await;
+}

@@ -3,8 +3,8 @@
 
 use sqlx::Row;
 
-use super::records::{Loc, insert_event};
-use super::{PendingAck, Registry, RegistryError, now};
+use super::batch::{V, delete_where_in, insert_rows};
+use super::{PendingAck, Registry, RegistryError, clean, now};
 
 impl Registry {
     /// Acknowledgements not yet confirmed by the server, oldest first.
@@ -48,30 +48,32 @@ impl Registry {
         }
         let mut tx = self.begin_write().await?;
         let at = now();
-        for ack in acks {
-            sqlx::query("DELETE FROM pending_acks WHERE id = $1")
-                .bind(ack.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("delete pending ack"))?;
-            let loc = Loc {
-                owner: mailbox_id,
-                folder,
-                uidvalidity: Some(i64::from(ack.uidvalidity)),
-                uid: Some(i64::from(ack.uid)),
-                source: "imap",
-                source_ref: None,
-            };
-            insert_event(
-                &mut tx,
-                kind,
-                &at,
-                &loc,
-                Some(ack.message_id),
-                Some(&ack.action),
-            )
-            .await?;
-        }
+        // A few set-based statements, not two per acknowledgement.
+        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+        delete_where_in(&mut tx, "DELETE FROM pending_acks WHERE id IN", &ids).await?;
+        let events = acks
+            .iter()
+            .map(|ack| {
+                vec![
+                    V::T(Some(at.clone())),
+                    V::T(Some(kind.to_owned())),
+                    V::T(Some(mailbox_id.to_owned())),
+                    V::T(Some(folder.to_owned())),
+                    V::I(Some(i64::from(ack.uidvalidity))),
+                    V::I(Some(i64::from(ack.uid))),
+                    V::I(Some(ack.message_id)),
+                    V::T(Some(clean(&ack.action))),
+                ]
+            })
+            .collect();
+        insert_rows(
+            &mut tx,
+            "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
+            "",
+            events,
+            "append events",
+        )
+        .await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit acks"))?;

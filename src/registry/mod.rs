@@ -12,6 +12,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 mod acks;
+mod batch;
 pub mod numbers;
 mod records;
 mod sync;

@@ -109,6 +109,28 @@ pub(super) async fn allocate(
     Ok(row.get(0))
 }
 
+/// Takes `count` consecutive numbers at once (for a batch registered in one transaction) and
+/// returns the last; the batch's numbers are `last - count + 1 ..= last`.
+pub(super) async fn allocate_many(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    registry: &str,
+    year: i32,
+    count: i64,
+) -> Result<i64, RegistryError> {
+    let row = sqlx::query(
+        "INSERT INTO registry_sequences (registry, year, last_value) VALUES ($1, $2, $3) \
+         ON CONFLICT (registry, year) DO UPDATE SET last_value = registry_sequences.last_value + $3 \
+         RETURNING last_value",
+    )
+    .bind(registry)
+    .bind(i64::from(year))
+    .bind(count)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(RegistryError::db("allocate registry numbers"))?;
+    Ok(row.get(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,27 @@ impl Registry {
         recs: &[NewRecord<'_>],
     ) -> Result<Option<Vec<Outcome>>, RegistryError> {
         let mut tx = self.begin_write().await?;
+        // One folder of one mailbox (what a fetched batch is): a few multi-row statements.
+        let one_folder = match recs.first().map(|r| r.origin) {
+            Some(Origin::Imap(first)) => recs.iter().all(|r| {
+                matches!(r.origin, Origin::Imap(l) if l.mailbox_id == first.mailbox_id
+                    && l.folder == first.folder
+                    && l.uidvalidity == first.uidvalidity)
+            }),
+            _ => false,
+        };
+        if one_folder {
+            let Some(outcomes) = self.register_set(&mut tx, recs).await? else {
+                tx.rollback()
+                    .await
+                    .map_err(RegistryError::db("end transaction"))?;
+                return Ok(None);
+            };
+            tx.commit()
+                .await
+                .map_err(RegistryError::db("commit registrations"))?;
+            return Ok(Some(outcomes));
+        }
         let mut outcomes = Vec::with_capacity(recs.len());
         for rec in recs {
             match self.register_in(&mut tx, rec).await? {
