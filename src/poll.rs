@@ -217,15 +217,34 @@ async fn poll_session(
         let (ack_tx, ack_rx) = mpsc::channel(1);
         let uidvalidity = selected.uidvalidity;
         let fetcher = fetch_batches(p, session, plan, batch_tx, ack_rx, uidvalidity, cancel);
-        let processor = process_batches(
-            p,
-            batch_rx,
-            ack_tx,
-            uidvalidity,
-            &mut report,
-            &mut registered,
-            cancel,
-        );
+        let processor = async {
+            match p.ctx.config.commit {
+                CommitMode::PerMessage => {
+                    process_batches(
+                        p,
+                        batch_rx,
+                        ack_tx,
+                        uidvalidity,
+                        &mut report,
+                        &mut registered,
+                        cancel,
+                    )
+                    .await
+                }
+                CommitMode::PerBatch => {
+                    process_batches_pipelined(
+                        p,
+                        batch_rx,
+                        ack_tx,
+                        uidvalidity,
+                        &mut report,
+                        &mut registered,
+                        cancel,
+                    )
+                    .await
+                }
+            }
+        };
         let (fetched, processed) = tokio::join!(fetcher, processor);
         processed?;
         fetched?;
@@ -368,28 +387,12 @@ async fn process_batches(
             middle: batch.fetched.len() / 2,
             size: batch.asked.len(),
         };
-        let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
         let mut outcomes = Outcomes {
             mb,
             report: &mut *report,
             registered: &mut *registered,
         };
-        // One transaction for the batch, unless one of its messages was attempted before:
-        // then each goes alone, so that only a message at fault is held against itself.
-        let grouped = p.ctx.config.commit == CommitMode::PerBatch
-            && uids.len() > 1
-            && p.ctx
-                .pipeline
-                .registry
-                .begin_batch_attempts(&mb.id, &mb.folder, uidvalidity, &uids)
-                .await
-                .map_err(p.reg())?;
-        let result = if grouped {
-            work.commit_together(batch.fetched, &mut outcomes, cancel)
-                .await
-        } else {
-            work.commit_each(batch.fetched, &mut outcomes, cancel).await
-        };
+        let result = work.commit_each(batch.fetched, &mut outcomes, cancel).await;
         if let Err(e) = result {
             // The run stops (disk full, database gone). What did commit is still
             // acknowledged if the server and database let us; if not, next run.
@@ -542,55 +545,16 @@ impl Batch<'_, '_> {
         Ok(())
     }
 
-    /// The whole batch in one registry transaction ([`CommitMode::PerBatch`]): the attempts were
-    /// counted together, every blob is staged, then published with one flush, then one commit.
-    async fn commit_together(
+    /// Prepares a batch that will be committed as one: every blob staged (not yet durable),
+    /// `parallel_messages` contiguous chunks on blocking tasks, results in UID order. A message
+    /// that fails alone is noted and left out; a store error (disk full) is returned.
+    async fn stage(
         &self,
         fetched: Vec<crate::imap::Fetched>,
         outcomes: &mut Outcomes<'_>,
-        cancel: &CancellationToken,
-    ) -> Result<(), IngestError> {
+    ) -> Result<StagedBatch, IngestError> {
         let pipeline = &self.p.ctx.pipeline;
-        let mb = self.p.mb;
-        let uids: Vec<u32> = fetched.iter().map(|f| f.uid).collect();
-        let Err(uncommitted) = self.stage_and_commit(fetched, outcomes, cancel).await else {
-            return Ok(());
-        };
-        // Not the messages' fault (disk full, database gone, shutdown): take the attempts back
-        // for those that did not commit.
-        let pending: Vec<u32> = uids
-            .iter()
-            .copied()
-            .filter(|u| !outcomes.registered.contains(u))
-            .collect();
-        if !pending.is_empty()
-            && let Err(e) = pipeline
-                .registry
-                .forget_batch_attempts(&mb.id, &mb.folder, self.uidvalidity, &pending)
-                .await
-        {
-            tracing::warn!(mailbox = %mb.id, error = %e, "could not take back processing attempts");
-        }
-        match uncommitted {
-            Some(e) => Err(e),
-            None => Ok(()), // shutdown
-        }
-    }
-
-    /// `Err(None)`: stopped for shutdown before anything was committed.
-    async fn stage_and_commit(
-        &self,
-        fetched: Vec<crate::imap::Fetched>,
-        outcomes: &mut Outcomes<'_>,
-        cancel: &CancellationToken,
-    ) -> Result<(), Option<IngestError>> {
-        let pipeline = &self.p.ctx.pipeline;
-        let mut staged = pipeline
-            .store
-            .staging()
-            .map_err(|e| Some(IngestError::from(e)))?;
-        // Contiguous chunks, one blocking task each (`parallel_messages` of them), results
-        // taken in UID order.
+        let mut staged = pipeline.store.staging()?;
         let parallel = self.p.ctx.config.imap.parallel_messages.max(1);
         let per_chunk = fetched.len().div_ceil(parallel).max(1);
         let mut chunks = Vec::new();
@@ -609,13 +573,13 @@ impl Batch<'_, '_> {
         let mut ready = Vec::with_capacity(per_chunk * parallel);
         for mut chunk in chunks {
             let (prepared, blobs) = match (&mut chunk.0).await {
-                Ok(result) => result.map_err(Some)?,
+                Ok(result) => result?,
                 Err(join) => {
-                    return Err(Some(IngestError::Failed {
+                    return Err(IngestError::Failed {
                         attempt: 1,
                         max: pipeline.limits.max_attempts,
                         detail: format!("internal error: {join}"),
-                    }));
+                    });
                 }
             };
             staged.absorb(blobs);
@@ -623,41 +587,280 @@ impl Batch<'_, '_> {
                 match result {
                     Ok(message) => ready.push((message, source)),
                     // A failure of this message alone: it stays out of the batch, unacknowledged.
-                    Err(e) => outcomes.note(uid_of(&source), Err(e)).map_err(Some)?,
+                    Err(e) => outcomes.note(uid_of(&source), Err(e))?,
                 }
             }
         }
-        if cancel.is_cancelled() {
-            outcomes.report.interrupted = true;
-            return Err(None);
-        }
+        Ok(StagedBatch { staged, ready })
+    }
+}
+
+/// A batch prepared for one commit: staged blobs and its messages in UID order.
+struct StagedBatch {
+    staged: crate::raw_store::Staged,
+    ready: Vec<(crate::pipeline::PreparedMessage, Source)>,
+}
+
+/// What the commit of a staged batch did: each message's result in UID order, and the error
+/// that stopped it, if any (the messages without a result did not commit).
+struct Committed {
+    uids: Vec<u32>,
+    results: Vec<(u32, Result<Ingested, IngestError>)>,
+    stopped: Option<IngestError>,
+}
+
+/// Publishes a staged batch's blobs (one flush) and commits it in one transaction — or, when
+/// it cannot commit as one, message by message. Runs while the next batch is prepared.
+fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed> {
+    AbortOnDrop(tokio::spawn(async move {
+        let StagedBatch { staged, ready } = batch;
+        let uids: Vec<u32> = ready.iter().map(|(_, s)| uid_of(s)).collect();
+        let mut done = Committed {
+            uids,
+            results: Vec::new(),
+            stopped: None,
+        };
         let store = std::sync::Arc::clone(&pipeline.store);
-        tokio::task::spawn_blocking(move || store.publish(staged))
-            .await
-            .map_err(|join| {
-                Some(IngestError::Failed {
-                    attempt: 1,
-                    max: pipeline.limits.max_attempts,
-                    detail: format!("internal error: {join}"),
-                })
-            })?
-            .map_err(|e| Some(IngestError::from(e)))?;
-        match commit_batch(pipeline, &ready).await.map_err(Some)? {
-            Some(done) => {
-                for ((_, source), result) in ready.iter().zip(done) {
-                    outcomes.note(uid_of(source), Ok(result)).map_err(Some)?;
-                }
+        let published = match tokio::task::spawn_blocking(move || store.publish(staged)).await {
+            Ok(result) => result.map_err(IngestError::from),
+            Err(join) => Err(IngestError::Failed {
+                attempt: 1,
+                max: pipeline.limits.max_attempts,
+                detail: format!("internal error: {join}"),
+            }),
+        };
+        if let Err(e) = published {
+            done.stopped = Some(e);
+            return done;
+        }
+        match commit_batch(&pipeline, &ready).await {
+            Ok(Some(results)) => {
+                done.results = ready
+                    .iter()
+                    .map(|(_, s)| uid_of(s))
+                    .zip(results.into_iter().map(Ok))
+                    .collect();
             }
-            None => {
+            Ok(None) => {
                 // Could not commit as one: the same messages, one transaction each.
                 for (message, source) in ready {
-                    let result = commit(pipeline, message, &source).await;
-                    outcomes.note(uid_of(&source), result).map_err(Some)?;
+                    let result = commit(&pipeline, message, &source).await;
+                    let stop = matches!(&result, Err(e) if !e.is_message_specific());
+                    if stop {
+                        done.stopped = result.err();
+                        break;
+                    }
+                    done.results.push((uid_of(&source), result));
                 }
             }
+            Err(e) => done.stopped = Some(e),
         }
-        Ok(())
+        done
+    }))
+}
+
+/// The batch-commit loop ([`CommitMode::PerBatch`]): while batch k is flushed and committed on
+/// its own task, batch k+1 is prepared; commits stay in UID order (k+1 is published only after
+/// k committed), and each batch's acknowledgement is requested as soon as it committed, without
+/// waiting for it before going on (at most one request outstanding).
+async fn process_batches_pipelined(
+    p: &Poller<'_>,
+    mut batches: mpsc::Receiver<FetchedBatch>,
+    acks: mpsc::Sender<AckRequest>,
+    uidvalidity: u32,
+    report: &mut PollReport,
+    registered: &mut HashSet<u32>,
+    cancel: &CancellationToken,
+) -> Result<(), PollError> {
+    let mb = p.mb;
+    let mut committing: Option<AbortOnDrop<Committed>> = None;
+    let mut ack_reply = None;
+    let result = async {
+        while let Some(batch) = batches.recv().await {
+            failpoint::hit("after-fetch");
+            let got: HashSet<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+            for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
+                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+                report.vanished.push(*uid);
+            }
+            let work = Batch {
+                p,
+                uidvalidity,
+                fetched_at: batch.fetched_at,
+                middle: batch.fetched.len() / 2,
+                size: batch.asked.len(),
+            };
+            let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+            // One transaction for the batch, unless one of its messages was attempted before:
+            // then each goes alone, so that only a message at fault is held against itself.
+            let grouped = uids.len() > 1
+                && p.ctx
+                    .pipeline
+                    .registry
+                    .begin_batch_attempts(&mb.id, &mb.folder, uidvalidity, &uids)
+                    .await
+                    .map_err(p.reg())?;
+            if !grouped {
+                finish(p, uidvalidity, committing.take(), report, registered).await?;
+                let mut outcomes = Outcomes {
+                    mb,
+                    report: &mut *report,
+                    registered: &mut *registered,
+                };
+                work.commit_each(batch.fetched, &mut outcomes, cancel)
+                    .await
+                    .map_err(|source| PollError::Ingest {
+                        mailbox: mb.id.clone(),
+                        source,
+                    })?;
+                request_acks_later(&acks, &mut ack_reply, report).await?;
+                if report.interrupted {
+                    break;
+                }
+                continue;
+            }
+            let mut outcomes = Outcomes {
+                mb,
+                report: &mut *report,
+                registered: &mut *registered,
+            };
+            let staged = work.stage(batch.fetched, &mut outcomes).await;
+            // The previous batch must have committed before this one is published.
+            let previous = finish(p, uidvalidity, committing.take(), report, registered).await;
+            if previous.is_ok() {
+                request_acks_later(&acks, &mut ack_reply, report).await?;
+            }
+            let stop = match (previous, staged) {
+                (Err(e), _) => Some(e),
+                (Ok(()), Err(source)) => Some(PollError::Ingest {
+                    mailbox: mb.id.clone(),
+                    source,
+                }),
+                (Ok(()), Ok(_)) if cancel.is_cancelled() => {
+                    report.interrupted = true;
+                    None
+                }
+                (Ok(()), Ok(staged)) => {
+                    committing = Some(spawn_commit(p.ctx.pipeline.clone(), staged));
+                    continue;
+                }
+            };
+            // Not the messages' fault (disk full, database gone, shutdown): take back the
+            // attempts of this batch, which did not commit.
+            forget_attempts(p, uidvalidity, &uids, registered).await;
+            match stop {
+                Some(e) => return Err(e),
+                None => break,
+            }
+        }
+        finish(p, uidvalidity, committing.take(), report, registered).await
     }
+    .await;
+    // Acknowledge what committed, whatever stopped the loop.
+    if let Err(e) = request_acks_later(&acks, &mut ack_reply, report).await {
+        tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run");
+    }
+    if let Some(reply) = ack_reply.take() {
+        match reply.await.unwrap_or(Ok(0)) {
+            Ok(n) => report.acked += n,
+            Err(e) if result.is_ok() => return Err(e),
+            Err(e) => {
+                tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run")
+            }
+        }
+    }
+    result
+}
+
+/// Waits for a batch's commit (if one is running) and notes its outcomes; an error that
+/// stopped it stops the run, after its uncommitted attempts are taken back.
+async fn finish(
+    p: &Poller<'_>,
+    uidvalidity: u32,
+    committing: Option<AbortOnDrop<Committed>>,
+    report: &mut PollReport,
+    registered: &mut HashSet<u32>,
+) -> Result<(), PollError> {
+    let Some(mut task) = committing else {
+        return Ok(());
+    };
+    let done = match (&mut task.0).await {
+        Ok(done) => done,
+        Err(join) => Committed {
+            uids: Vec::new(),
+            results: Vec::new(),
+            stopped: Some(IngestError::Failed {
+                attempt: 1,
+                max: p.ctx.pipeline.limits.max_attempts,
+                detail: format!("internal error: {join}"),
+            }),
+        },
+    };
+    let mut outcomes = Outcomes {
+        mb: p.mb,
+        report: &mut *report,
+        registered: &mut *registered,
+    };
+    let mut stop = done.stopped;
+    for (uid, result) in done.results {
+        if let Err(e) = outcomes.note(uid, result) {
+            stop.get_or_insert(e);
+        }
+    }
+    match stop {
+        None => Ok(()),
+        Some(source) => {
+            forget_attempts(p, uidvalidity, &done.uids, registered).await;
+            Err(PollError::Ingest {
+                mailbox: p.mb.id.clone(),
+                source,
+            })
+        }
+    }
+}
+
+/// Takes back the batch attempts of the messages among `uids` that did not commit.
+async fn forget_attempts(
+    p: &Poller<'_>,
+    uidvalidity: u32,
+    uids: &[u32],
+    registered: &HashSet<u32>,
+) {
+    let pending: Vec<u32> = uids
+        .iter()
+        .copied()
+        .filter(|u| !registered.contains(u))
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    let mb = p.mb;
+    if let Err(e) = p
+        .ctx
+        .pipeline
+        .registry
+        .forget_batch_attempts(&mb.id, &mb.folder, uidvalidity, &pending)
+        .await
+    {
+        tracing::warn!(mailbox = %mb.id, error = %e, "could not take back processing attempts");
+    }
+}
+
+/// Collects the previous acknowledgement request's answer, then asks for the pending ones
+/// without waiting: the fetcher performs them while the next batch is processed.
+async fn request_acks_later(
+    acks: &mpsc::Sender<AckRequest>,
+    outstanding: &mut Option<oneshot::Receiver<Result<usize, PollError>>>,
+    report: &mut PollReport,
+) -> Result<(), PollError> {
+    if let Some(reply) = outstanding.take() {
+        report.acked += reply.await.unwrap_or(Ok(0))?;
+    }
+    let (done, reply) = oneshot::channel();
+    if acks.send(done).await.is_ok() {
+        *outstanding = Some(reply);
+    }
+    Ok(())
 }
 
 /// A spawned task that is aborted when its handle is dropped (an early return).

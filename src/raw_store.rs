@@ -83,6 +83,7 @@ impl RawStore {
                 source,
             })?;
         }
+        store.remove_abandoned_temp_files();
         Ok(store)
     }
 
@@ -237,6 +238,25 @@ impl RawStore {
         })
     }
 
+    /// Deletes temp files left by a process that no longer runs (a worker killed while writing
+    /// or staging). Their bytes were never published, so nothing refers to them. Files of
+    /// running processes (another worker on the same data dir) are left alone.
+    fn remove_abandoned_temp_files(&self) {
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        let own = std::process::id();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid != own && !process_is_running(pid) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn tmp_path(&self, digest: &Sha256Digest) -> PathBuf {
         self.tmp_dir().join(format!(
             "{}.{}.{}",
@@ -335,6 +355,15 @@ impl Drop for Staged {
     }
 }
 
+/// Whether a process with this id exists (on Linux, `/proc/<pid>`; elsewhere assumed running).
+fn process_is_running(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 /// Blobs at least this large start their writeback as soon as they are staged; smaller ones
 /// wait for the one flush at publish time (a separate tiny I/O each would cost more).
 const EARLY_WRITEBACK_BYTES: usize = 1024 * 1024;
@@ -425,5 +454,21 @@ mod tests {
         drop(dropped);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert!(!store.path_of(&Sha256Digest::of(c)).exists());
+    }
+
+    #[test]
+    fn temp_files_of_dead_processes_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let tmp = dir.path().join("tmp");
+        // pid 0 never names a user process; our own pid is alive.
+        let dead = tmp.join("ab.0.1");
+        let alive = tmp.join(format!("cd.{}.2", std::process::id()));
+        fs::write(&dead, b"abandoned").unwrap();
+        fs::write(&alive, b"in progress").unwrap();
+        drop(store);
+        RawStore::open(dir.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(alive.exists());
     }
 }
