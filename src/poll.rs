@@ -693,7 +693,7 @@ async fn process_batches_pipelined(
             let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
             // One transaction for the batch, unless one of its messages was attempted before:
             // then each goes alone, so that only a message at fault is held against itself.
-            let grouped = uids.len() > 1
+            let grouped = !uids.is_empty()
                 && p.ctx
                     .pipeline
                     .registry
