@@ -141,13 +141,36 @@ fn parse_reason(e: &ParseError) -> &'static str {
     }
 }
 
+/// A message's raw bytes, owned by whatever received them (a `Vec`, or the IMAP response they
+/// arrived in: no copy is made on the way to the store and the parser).
+pub struct RawMessage(Box<dyn AsRef<[u8]> + Send + Sync>);
+
+impl RawMessage {
+    pub fn new(bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> RawMessage {
+        RawMessage(Box::new(bytes))
+    }
+}
+
+impl std::ops::Deref for RawMessage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
+impl From<Vec<u8>> for RawMessage {
+    fn from(bytes: Vec<u8>) -> RawMessage {
+        RawMessage::new(bytes)
+    }
+}
+
 /// Stores, parses and registers (or quarantines) one message: [`prepare`] then [`commit`].
 pub async fn ingest_one(
     p: &Pipeline,
-    raw: Vec<u8>,
+    raw: impl Into<RawMessage>,
     source: &Source,
 ) -> Result<Ingested, IngestError> {
-    let prepared = prepare(p, raw, source).await?;
+    let prepared = prepare(p, raw.into(), source).await?;
     commit(p, prepared, source).await
 }
 
@@ -166,7 +189,7 @@ pub struct PreparedMessage {
 /// visible in the registry yet.
 pub async fn prepare(
     p: &Pipeline,
-    raw: Vec<u8>,
+    raw: RawMessage,
     source: &Source,
 ) -> Result<PreparedMessage, IngestError> {
     let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
@@ -227,7 +250,7 @@ pub async fn prepare(
 /// a store error (disk full) fails the call.
 pub async fn prepare_staged(
     p: &Pipeline,
-    messages: Vec<(Vec<u8>, Source)>,
+    messages: Vec<(RawMessage, Source)>,
 ) -> Result<(Vec<(Source, Result<PreparedMessage, IngestError>)>, Staged), IngestError> {
     let limits = p.limits;
     let store = Arc::clone(&p.store);
@@ -298,8 +321,20 @@ fn prepare_blocking(
     let digest = Sha256Digest::of(raw);
     sink.put(raw, digest)?;
     let stored_at = now();
+    let examined = examine(sink, raw, &digest, limits, poison)?;
+    Ok((digest, stored_at, examined))
+}
+
+/// Poison and size checks, then the parse, attachments going to `sink` as they are found.
+fn examine(
+    sink: &mut BlobSink<'_>,
+    raw: &[u8],
+    digest: &Sha256Digest,
+    limits: Limits,
+    poison: Option<String>,
+) -> Result<Prepared, StoreError> {
     if let Some(reason) = poison {
-        return Ok((digest, stored_at, Prepared::Quarantine("poison", reason)));
+        return Ok(Prepared::Quarantine("poison", reason));
     }
     let raw_size = raw.len() as u64;
     if raw_size > limits.max_message_bytes {
@@ -307,16 +342,14 @@ fn prepare_blocking(
             "{raw_size} bytes, above the limit of {} bytes",
             limits.max_message_bytes
         );
-        return Ok((digest, stored_at, Prepared::Quarantine("too-large", detail)));
+        return Ok(Prepared::Quarantine("too-large", detail));
     }
-    match parse::parse_into(raw, &digest, sink) {
-        Ok(submission) => Ok((digest, stored_at, Prepared::Ready(Box::new(submission)))),
+    match parse::parse_into(raw, digest, sink) {
+        Ok(submission) => Ok(Prepared::Ready(Box::new(submission))),
         Err(parse::ParseWithSinkError::Sink(e)) => Err(e),
-        Err(parse::ParseWithSinkError::Parse(e)) => Ok((
-            digest,
-            stored_at,
-            Prepared::Quarantine(parse_reason(&e), e.to_string()),
-        )),
+        Err(parse::ParseWithSinkError::Parse(e)) => {
+            Ok(Prepared::Quarantine(parse_reason(&e), e.to_string()))
+        }
     }
 }
 

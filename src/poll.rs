@@ -16,7 +16,7 @@ use crate::credentials::{CredentialError, Credentials};
 use crate::failpoint;
 use crate::imap::{Endpoint, ImapError, MailSession};
 use crate::pipeline::{
-    CommitMode, IngestError, Ingested, Pipeline, Source, commit, commit_batch, prepare,
+    CommitMode, IngestError, Ingested, Pipeline, RawMessage, Source, commit, commit_batch, prepare,
     prepare_staged,
 };
 use crate::registry::{Location, Origin, Outcome, RegistryError, UidValidityCheck};
@@ -307,6 +307,7 @@ async fn fetch_batches(
         }
         // Take the hand-over slot before fetching, so that at most one batch is being
         // processed while the next is fetched; serve acknowledgement requests meanwhile.
+        let waited = std::time::Instant::now();
         let permit = loop {
             tokio::select! {
                 permit = batches.reserve() => match permit {
@@ -323,7 +324,16 @@ async fn fetch_batches(
                 },
             }
         };
+        let started = std::time::Instant::now();
         let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
+        tracing::debug!(
+            mailbox = %p.mb.id,
+            messages = fetched.len(),
+            bytes = fetched.iter().map(|f| f.raw().len()).sum::<usize>(),
+            waited_ms = (started - waited).as_secs_f64() * 1e3,
+            fetch_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch fetched"
+        );
         let batch = FetchedBatch {
             asked,
             fetched,
@@ -348,7 +358,9 @@ async fn serve_ack(
     uidvalidity: u32,
     request: AckRequest,
 ) -> bool {
+    let started = std::time::Instant::now();
     let result = drain_acks(p, session, uidvalidity).await;
+    tracing::debug!(mailbox = %p.mb.id, ms = started.elapsed().as_secs_f64() * 1e3, "acknowledgements served");
     let ok = result.is_ok();
     let _ = request.send(result);
     ok
@@ -498,7 +510,7 @@ impl Batch<'_, '_> {
         start: F,
     ) -> InOrder<T, impl FnMut(crate::imap::Fetched) -> Spawned<T>>
     where
-        F: Fn(Pipeline, Vec<u8>, Source) -> tokio::task::JoinHandle<Result<T, IngestError>>,
+        F: Fn(Pipeline, RawMessage, Source) -> tokio::task::JoinHandle<Result<T, IngestError>>,
     {
         let pipeline = self.p.ctx.pipeline.clone();
         let sources: std::collections::HashMap<u32, Source> = fetched
@@ -506,9 +518,10 @@ impl Batch<'_, '_> {
             .map(|f| (f.uid, self.source(f.uid)))
             .collect();
         let spawn = move |msg: crate::imap::Fetched| {
-            let source = sources[&msg.uid].clone();
-            let handle = start(pipeline.clone(), msg.raw, source.clone());
-            (msg.uid, source, handle)
+            let uid = msg.uid;
+            let source = sources[&uid].clone();
+            let handle = start(pipeline.clone(), RawMessage::new(msg), source.clone());
+            (uid, source, handle)
         };
         InOrder::new(fetched, self.p.ctx.config.imap.parallel_messages, spawn)
     }
@@ -560,10 +573,11 @@ impl Batch<'_, '_> {
         let mut chunks = Vec::new();
         let mut fetched = fetched.into_iter().peekable();
         while fetched.peek().is_some() {
-            let chunk: Vec<(Vec<u8>, Source)> = fetched
+            let chunk: Vec<(RawMessage, Source)> = fetched
                 .by_ref()
                 .take(per_chunk)
-                .map(|f| (f.raw, self.source(f.uid)))
+                .map(|f| (self.source(f.uid), f))
+                .map(|(source, f)| (RawMessage::new(f), source))
                 .collect();
             let pipeline = pipeline.clone();
             chunks.push(AbortOnDrop(tokio::spawn(async move {
@@ -620,6 +634,7 @@ fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed
             results: Vec::new(),
             stopped: None,
         };
+        let started = std::time::Instant::now();
         let store = std::sync::Arc::clone(&pipeline.store);
         let published = match tokio::task::spawn_blocking(move || store.publish(staged)).await {
             Ok(result) => result.map_err(IngestError::from),
@@ -633,7 +648,15 @@ fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed
             done.stopped = Some(e);
             return done;
         }
-        match commit_batch(&pipeline, &ready).await {
+        let flushed = std::time::Instant::now();
+        let committed = commit_batch(&pipeline, &ready).await;
+        tracing::debug!(
+            messages = ready.len(),
+            publish_ms = (flushed - started).as_secs_f64() * 1e3,
+            commit_ms = flushed.elapsed().as_secs_f64() * 1e3,
+            "batch committed"
+        );
+        match committed {
             Ok(Some(results)) => {
                 done.results = ready
                     .iter()
@@ -691,6 +714,7 @@ async fn process_batches_pipelined(
                 size: batch.asked.len(),
             };
             let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+            let started = std::time::Instant::now();
             // One transaction for the batch, unless one of its messages was attempted before:
             // then each goes alone, so that only a message at fault is held against itself.
             let grouped = !uids.is_empty()
@@ -724,9 +748,19 @@ async fn process_batches_pipelined(
                 report: &mut *report,
                 registered: &mut *registered,
             };
+            let counted = std::time::Instant::now();
             let staged = work.stage(batch.fetched, &mut outcomes).await;
+            let prepared = std::time::Instant::now();
             // The previous batch must have committed before this one is published.
             let previous = finish(p, uidvalidity, committing.take(), report, registered).await;
+            tracing::debug!(
+                mailbox = %mb.id,
+                messages = uids.len(),
+                attempts_ms = (counted - started).as_secs_f64() * 1e3,
+                stage_ms = (prepared - counted).as_secs_f64() * 1e3,
+                previous_commit_wait_ms = prepared.elapsed().as_secs_f64() * 1e3,
+                "batch prepared"
+            );
             if previous.is_ok() {
                 request_acks_later(&acks, &mut ack_reply, report).await?;
             }

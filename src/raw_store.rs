@@ -529,7 +529,9 @@ mod tests {
             .collect();
         let mut staged = store.staging().unwrap();
         for blob in &blobs {
-            store.stage(blob, Sha256Digest::of(blob), &mut staged).unwrap();
+            store
+                .stage(blob, Sha256Digest::of(blob), &mut staged)
+                .unwrap();
         }
         store.publish(staged).unwrap();
         for blob in &blobs {

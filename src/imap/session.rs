@@ -35,11 +35,33 @@ pub struct Selected {
     pub uid_next: Option<u32>,
 }
 
-/// One message as the server served it.
-#[derive(Debug)]
+/// One message as the server served it. It keeps the FETCH response it arrived in, so the
+/// bytes are never copied out of the buffer they were received into.
 pub struct Fetched {
     pub uid: u32,
-    pub raw: Vec<u8>,
+    response: async_imap::types::Fetch,
+}
+
+impl Fetched {
+    /// The message's raw bytes (`BODY[]`).
+    pub fn raw(&self) -> &[u8] {
+        self.response.body().unwrap_or_default()
+    }
+}
+
+impl AsRef<[u8]> for Fetched {
+    fn as_ref(&self) -> &[u8] {
+        self.raw()
+    }
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("uid", &self.uid)
+            .field("bytes", &self.raw().len())
+            .finish()
+    }
 }
 
 pub struct MailSession {
@@ -404,11 +426,8 @@ impl MailSession {
     pub async fn fetch_raw(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
         let mut out = Vec::with_capacity(uids.len());
         self.fetch_each(uids, "(UID BODY.PEEK[])", "UID FETCH BODY.PEEK[]", |f| {
-            if let (Some(uid), Some(body)) = (f.uid, f.body()) {
-                out.push(Fetched {
-                    uid,
-                    raw: body.to_vec(),
-                });
+            if let (Some(uid), Some(_)) = (f.uid, f.body()) {
+                out.push(Fetched { uid, response: f });
             }
         })
         .await?;
