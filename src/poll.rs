@@ -199,6 +199,11 @@ async fn poll_session(
         .await
         .map_err(p.reg())?;
     report.already_registered = done.len();
+    if !done.is_empty()
+        && (mb.after != AfterAction::None || mb.after_quarantine != AfterAction::None)
+    {
+        report.acked += repeat_lost_acks(p, session, selected.uidvalidity, &done).await?;
+    }
     let todo: Vec<u32> = candidates
         .iter()
         .copied()
@@ -965,6 +970,53 @@ fn ack_action(after: &AfterAction) -> Option<String> {
         AfterAction::None => None,
         other => Some(other.as_config_str()),
     }
+}
+
+/// Messages already recorded that the server still shows unseen: their acknowledgement was lost
+/// on the server's side (a server that answered OK and kept the old flags, or lost them in a
+/// restart). It is queued again and performed now, so none stays unacknowledged for good.
+async fn repeat_lost_acks(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    done: &HashSet<u32>,
+) -> Result<usize, PollError> {
+    let mb = p.mb;
+    let mut unseen: Vec<u32> = session
+        .uid_search("UNSEEN")
+        .await
+        .map_err(p.imap())?
+        .into_iter()
+        .filter(|u| done.contains(u))
+        .collect();
+    if unseen.is_empty() {
+        return Ok(0);
+    }
+    unseen.sort_unstable();
+    let queued = p
+        .ctx
+        .pipeline
+        .registry
+        .requeue_acks(
+            &mb.id,
+            &mb.folder,
+            uidvalidity,
+            &unseen,
+            ack_action(&mb.after).as_deref(),
+            ack_action(&mb.after_quarantine).as_deref(),
+        )
+        .await
+        .map_err(p.reg())?;
+    if queued == 0 {
+        return Ok(0);
+    }
+    tracing::warn!(
+        mailbox = %mb.id,
+        queued,
+        uids = %crate::imap::uid_set::format(&unseen),
+        "recorded messages are still unseen on the server: acknowledging them again"
+    );
+    drain_acks(p, session, uidvalidity).await
 }
 
 /// Performs the pending acknowledgements of this folder and deletes their rows.

@@ -448,6 +448,90 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
     assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
 }
 
+/// A tagged OK to `UID STORE` is no proof that `\Seen` stays set: once the INBOX's `cur/` is not
+/// writable for it, Dovecot answers OK and later shows the old flags. Here that happens in the
+/// middle of a run. The next run finds registered messages still unseen, queues their
+/// acknowledgement again (audited as `ack-repeated`) and performs it: none stays registered
+/// and unseen for good, and none is registered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_mail_the_server_still_shows_unseen_is_acknowledged_again() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    std::fs::write(
+        &bed.config,
+        std::fs::read_to_string(&bed.config)
+            .unwrap()
+            .replace("[imap]\n", "[imap]\nbatch_max_messages = 1\n"),
+    )
+    .unwrap();
+    let fixtures = fixtures();
+    let n = 40;
+    for i in 0..n {
+        let mut raw = format!("X-Test-Sequence: {i}\n").into_bytes();
+        raw.extend_from_slice(&fixtures[i % fixtures.len()].1);
+        bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
+    }
+    let home = bed
+        .dovecot
+        .doveadm(&["user", "-f", "home", PODATELNA], None)
+        .unwrap();
+    let cur = std::path::Path::new(home.trim()).join("Maildir/INBOX/cur");
+    assert!(cur.is_dir(), "{} is not the INBOX's cur/", cur.display());
+
+    // The run has selected the folder and registered its first message: make cur/ read-only.
+    let child = bed.spawn_run_once();
+    let registry = bed.registry().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while registry.list(None, 1000).await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing registered in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let unseen = bed
+        .seen(PODATELNA, "INBOX")
+        .values()
+        .filter(|s| !**s)
+        .count();
+    assert!(
+        unseen > 0,
+        "the run acknowledged everything before cur/ became read-only: nothing was tested"
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(registry.list(None, 1000).await.unwrap().len(), n);
+
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("acknowledging them again"),
+        "{}",
+        text(&out)
+    );
+    assert!(bed.seen(PODATELNA, "INBOX").values().all(|s| *s));
+    let registered =
+        assert_registry_matches_server(&bed, "podatelna", PODATELNA, "client-podatelna").await;
+    assert_eq!(registered.len(), n, "each registered once");
+    let repeated = registry
+        .events(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "ack-repeated")
+        .count();
+    assert_eq!(
+        repeated, unseen,
+        "one ack-repeated event per message left unseen"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_move_the_registered_mail_is_in_the_target_folder() {
     let bed = bed_with_apps().await;

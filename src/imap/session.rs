@@ -458,22 +458,23 @@ impl MailSession {
         Ok(())
     }
 
-    /// `UID STORE set +FLAGS.SILENT (\Seen)`.
+    /// `UID STORE set +FLAGS.SILENT (\Seen)`. Succeeds only on the server's tagged OK: async-imap's
+    /// `uid_store` stream ends quietly on a tagged NO/BAD and on a connection the server closed
+    /// (e.g. `* BYE` at shutdown), which would let an acknowledgement be forgotten undone.
     pub async fn mark_seen(&mut self, uids: &[u32]) -> Result<(), ImapError> {
         if uids.is_empty() {
             return Ok(());
         }
         let set = uid_set::format(uids);
         let step = "UID STORE +FLAGS (\\Seen)";
-        let io_timeout = self.io_timeout;
-        let stream = within(
+        within(
             step,
-            io_timeout,
-            self.session.uid_store(&set, "+FLAGS.SILENT (\\Seen)"),
+            self.io_timeout,
+            self.session
+                .run_command_and_check_ok(format!("UID STORE {set} +FLAGS.SILENT (\\Seen)")),
             |e| ImapError::from_imap(step, e),
         )
         .await?;
-        drain(step, io_timeout, stream, |_| {}).await?;
         client_drop_unsolicited(&mut self.session);
         Ok(())
     }

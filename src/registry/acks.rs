@@ -34,6 +34,105 @@ impl Registry {
             .collect())
     }
 
+    /// Queues the acknowledgement again for messages recorded at these locations that the
+    /// server still offers (unseen, or still in the folder after a move): an acknowledgement
+    /// that was lost on the server side (it answered OK and kept the old flags, or lost them in
+    /// a restart) is repeated, never left undone for good. `ack` applies to registered records,
+    /// `quarantine_ack` to quarantined ones. Returns how many were queued.
+    pub async fn requeue_acks(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+        ack: Option<&str>,
+        quarantine_ack: Option<&str>,
+    ) -> Result<usize, RegistryError> {
+        let (Some(lo), Some(hi)) = (uids.iter().min(), uids.iter().max()) else {
+            return Ok(0);
+        };
+        let rows = sqlx::query(
+            "SELECT l.uid, l.message_id, m.status FROM message_locations l \
+             JOIN messages m ON m.id = l.message_id \
+             WHERE l.mailbox_id = $1 AND l.folder = $2 AND l.uidvalidity = $3 \
+             AND l.uid >= $4 AND l.uid <= $5 \
+             AND NOT EXISTS (SELECT 1 FROM pending_acks p WHERE p.mailbox_id = l.mailbox_id \
+                 AND p.folder = l.folder AND p.uidvalidity = l.uidvalidity AND p.uid = l.uid)",
+        )
+        .bind(mailbox_id)
+        .bind(folder)
+        .bind(i64::from(uidvalidity))
+        .bind(i64::from(*lo))
+        .bind(i64::from(*hi))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("look up acknowledgements to repeat"))?;
+        let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
+        let again: Vec<(u32, i64, &str)> = rows
+            .iter()
+            .filter_map(|r| {
+                let uid = r.get::<i64, _>(0) as u32;
+                let action = match r.get::<String, _>(2).as_str() {
+                    "registered" => ack,
+                    _ => quarantine_ack,
+                }?;
+                wanted
+                    .contains(&uid)
+                    .then(|| (uid, r.get::<i64, _>(1), action))
+            })
+            .collect();
+        if again.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+        let at = now();
+        let mut pending = Vec::with_capacity(again.len());
+        let mut events = Vec::with_capacity(again.len());
+        for (uid, message_id, action) in &again {
+            pending.push(vec![
+                V::T(Some(mailbox_id.to_owned())),
+                V::T(Some(folder.to_owned())),
+                V::I(Some(i64::from(uidvalidity))),
+                V::I(Some(i64::from(*uid))),
+                V::T(Some((*action).to_owned())),
+                V::I(Some(*message_id)),
+                V::T(Some(at.clone())),
+            ]);
+            events.push(vec![
+                V::T(Some(at.clone())),
+                V::T(Some("ack-repeated".to_owned())),
+                V::T(Some(mailbox_id.to_owned())),
+                V::T(Some(folder.to_owned())),
+                V::I(Some(i64::from(uidvalidity))),
+                V::I(Some(i64::from(*uid))),
+                V::I(Some(*message_id)),
+                V::T(Some(clean(&format!(
+                    "{action}: recorded, but the server still offers it"
+                )))),
+            ]);
+        }
+        insert_rows(
+            &mut tx,
+            "pending_acks (mailbox_id, folder, uidvalidity, uid, action, message_id, created_at)",
+            "ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING",
+            pending,
+            "queue acknowledgements again",
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
+            "",
+            events,
+            "append events",
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit repeated acknowledgements"))?;
+        Ok(again.len())
+    }
+
     /// Deletes acknowledgements the server confirmed (`kind` = `acked`) or that can no longer
     /// apply (`ack-dropped`), each with its audit event.
     pub async fn acks_done(
