@@ -183,10 +183,10 @@ impl RawStore {
         }
         let tmp = self.tmp_path(&digest);
         let written = (|| -> io::Result<()> {
-            if bytes.len() >= DIRECT_WRITE_BYTES && write_direct(&tmp, bytes)? {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            if bytes.len() >= DIRECT_WRITE_BYTES && write_direct(&mut f, bytes)? {
                 return Ok(());
             }
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
             if bytes.len() >= EARLY_WRITEBACK_BYTES {
                 start_writeback(&f);
@@ -380,43 +380,72 @@ thread_local! {
     static DIRECT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Writes `bytes` to a new file at `path` without the page cache. `Ok(false)`: the filesystem
-/// does not support `O_DIRECT` (nothing was created; the caller writes normally).
+/// Writes `bytes` to the new, empty file `f` without the page cache. `Ok(false)`: the
+/// filesystem does not do direct I/O; nothing was written and `f` is as it was (empty, at
+/// offset 0, buffered), so the caller writes normally.
 #[cfg(target_os = "linux")]
-fn write_direct(path: &Path, bytes: &[u8]) -> io::Result<bool> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    DIRECT_BUFFER.with(|cell| -> io::Result<()> {
+fn write_direct(f: &mut File, bytes: &[u8]) -> io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL pass no memory. Setting O_DIRECT
+    // this way creates nothing, so a filesystem that refuses it leaves no file behind.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EINVAL) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    let written = DIRECT_BUFFER.with(|cell| -> io::Result<()> {
         let mut buffer = cell.borrow_mut();
-        if buffer.len() < DIRECT_CHUNK + DIRECT_ALIGN {
-            buffer.resize(DIRECT_CHUNK + DIRECT_ALIGN, 0);
+        let chunk_len = bytes
+            .len()
+            .div_ceil(DIRECT_ALIGN)
+            .min(DIRECT_CHUNK / DIRECT_ALIGN)
+            * DIRECT_ALIGN;
+        if buffer.len() < chunk_len + DIRECT_ALIGN {
+            buffer.resize(chunk_len + DIRECT_ALIGN, 0);
         }
         let skew = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        let aligned = &mut buffer[skew..skew + DIRECT_CHUNK];
-        for chunk in bytes.chunks(DIRECT_CHUNK) {
+        let Some(aligned) = buffer.get_mut(skew..skew + chunk_len) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        for chunk in bytes.chunks(chunk_len) {
             let padded = chunk.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
             aligned[..chunk.len()].copy_from_slice(chunk);
             aligned[chunk.len()..padded].fill(0);
             f.write_all(&aligned[..padded])?;
         }
         Ok(())
-    })?;
-    // The last block was padded: cut the file to its real length.
-    f.set_len(bytes.len() as u64)?;
-    Ok(true)
+    });
+    match written {
+        Ok(()) => {
+            // The last block was padded: cut the file to its real length.
+            f.set_len(bytes.len() as u64)?;
+            Ok(true)
+        }
+        // Direct I/O refused after all (e.g. stricter alignment): start over, buffered.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f.set_len(0)?;
+            f.seek(SeekFrom::Start(0))?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn write_direct(_path: &Path, _bytes: &[u8]) -> io::Result<bool> {
+fn write_direct(_f: &mut File, _bytes: &[u8]) -> io::Result<bool> {
     Ok(false)
 }
 
@@ -545,7 +574,9 @@ mod tests {
         // On Linux the direct path is really taken here (tmp dirs are on a block filesystem).
         if cfg!(target_os = "linux") {
             let path = dir.path().join("direct-probe");
-            assert!(write_direct(&path, &blobs[1]).unwrap(), "O_DIRECT refused");
+            let mut f = File::create_new(&path).unwrap();
+            assert!(write_direct(&mut f, &blobs[1]).unwrap(), "O_DIRECT refused");
+            drop(f);
             assert!(fs::read(&path).unwrap() == blobs[1]);
         }
     }
