@@ -47,13 +47,16 @@ pub struct PollReport {
     pub vanished: Vec<u32>,
     /// Messages that could not be registered, with the reason. They stay unacknowledged.
     pub failed: Vec<(u32, String)>,
+    /// Registered messages whose acknowledgement the server refused (NO), with its answer. The
+    /// acknowledgement stays pending and is tried again by the next poll.
+    pub unacknowledged: Vec<(u32, String)>,
     /// True when shutdown was requested and the poll stopped early.
     pub interrupted: bool,
 }
 
 impl PollReport {
     pub fn is_complete_success(&self) -> bool {
-        self.failed.is_empty()
+        self.failed.is_empty() && self.unacknowledged.is_empty()
     }
 }
 
@@ -92,6 +95,8 @@ impl PollError {
 struct Poller<'a> {
     ctx: &'a Context,
     mb: &'a MailboxConfig,
+    /// See [`PollReport::unacknowledged`]; filled by whichever task performs acknowledgements.
+    refused_acks: std::sync::Mutex<Vec<(u32, String)>>,
 }
 
 impl Poller<'_> {
@@ -116,7 +121,11 @@ pub async fn poll_mailbox(
     mb: &MailboxConfig,
     cancel: &CancellationToken,
 ) -> Result<PollReport, PollError> {
-    let p = Poller { ctx, mb };
+    let p = Poller {
+        ctx,
+        mb,
+        refused_acks: std::sync::Mutex::new(Vec::new()),
+    };
     // Closed only on shutdown, which the caller handles; a closed semaphore means "go on".
     let _permit = ctx.sessions.acquire().await.ok();
     let login = ctx
@@ -145,8 +154,11 @@ pub async fn poll_mailbox(
             return Err(p.imap()(e));
         }
     };
-    let result = poll_session(&p, &mut session, cancel).await;
+    let mut result = poll_session(&p, &mut session, cancel).await;
     session.logout().await;
+    if let (Ok(report), Ok(mut refused)) = (&mut result, p.refused_acks.lock()) {
+        report.unacknowledged = std::mem::take(&mut *refused);
+    }
     result
 }
 
@@ -199,9 +211,7 @@ async fn poll_session(
         .await
         .map_err(p.reg())?;
     report.already_registered = done.len();
-    if !done.is_empty()
-        && (mb.after != AfterAction::None || mb.after_quarantine != AfterAction::None)
-    {
+    if !done.is_empty() {
         report.acked += repeat_lost_acks(p, session, selected.uidvalidity, &done).await?;
     }
     let todo: Vec<u32> = candidates
@@ -972,9 +982,11 @@ fn ack_action(after: &AfterAction) -> Option<String> {
     }
 }
 
-/// Messages already recorded that the server still shows unseen: their acknowledgement was lost
-/// on the server's side (a server that answered OK and kept the old flags, or lost them in a
-/// restart). It is queued again and performed now, so none stays unacknowledged for good.
+/// Messages already recorded that the server still shows unseen: their `\Seen` was lost on the
+/// server's side (a server that answered OK and kept the old flags, or lost them in a restart).
+/// The acknowledgement is queued again and performed now, at most `MAX_ACK_REPEATS` times per
+/// message. Only `seen` is repeated: a `move:` that half happened (copied, not expunged) would
+/// copy again.
 async fn repeat_lost_acks(
     p: &Poller<'_>,
     session: &mut MailSession,
@@ -982,6 +994,11 @@ async fn repeat_lost_acks(
     done: &HashSet<u32>,
 ) -> Result<usize, PollError> {
     let mb = p.mb;
+    let seen_only = |after: &AfterAction| (*after == AfterAction::Seen).then_some("seen");
+    let (ack, quarantine_ack) = (seen_only(&mb.after), seen_only(&mb.after_quarantine));
+    if ack.is_none() && quarantine_ack.is_none() {
+        return Ok(0);
+    }
     let mut unseen: Vec<u32> = session
         .uid_search("UNSEEN")
         .await
@@ -993,7 +1010,7 @@ async fn repeat_lost_acks(
         return Ok(0);
     }
     unseen.sort_unstable();
-    let queued = p
+    let (queued, given_up) = p
         .ctx
         .pipeline
         .registry
@@ -1002,11 +1019,19 @@ async fn repeat_lost_acks(
             &mb.folder,
             uidvalidity,
             &unseen,
-            ack_action(&mb.after).as_deref(),
-            ack_action(&mb.after_quarantine).as_deref(),
+            ack,
+            quarantine_ack,
         )
         .await
         .map_err(p.reg())?;
+    if !given_up.is_empty() {
+        tracing::error!(
+            mailbox = %mb.id,
+            uids = %crate::imap::uid_set::format(&given_up),
+            repeats = crate::registry::MAX_ACK_REPEATS,
+            "registered messages stay unseen on the server although \\Seen was set repeatedly; not repeated again (can the server write its mail store? may this account set \\Seen?)"
+        );
+    }
     if queued == 0 {
         return Ok(0);
     }
@@ -1052,15 +1077,37 @@ async fn drain_acks(
     let mut done = 0;
     for (action, acks) in by_action {
         let uids: Vec<u32> = acks.iter().map(|a| a.uid).collect();
-        match AfterAction::parse(&action) {
-            Some(AfterAction::Seen) => session.mark_seen(&uids).await.map_err(p.imap())?,
-            Some(AfterAction::Move(target)) => {
-                session.ensure_folder(&target).await.map_err(p.imap())?;
-                session.move_to(&uids, &target).await.map_err(p.imap())?;
-            }
+        let performed = match AfterAction::parse(&action) {
+            Some(AfterAction::Seen) => session.mark_seen(&uids).await,
+            Some(AfterAction::Move(target)) => match session.ensure_folder(&target).await {
+                Ok(()) => session.move_to(&uids, &target).await,
+                Err(e) => Err(e),
+            },
             Some(AfterAction::None) | None => {
                 tracing::warn!(mailbox = %p.mb.id, action = %action, "unknown pending acknowledgement dropped");
+                Ok(())
             }
+        };
+        match performed {
+            Ok(()) => {}
+            // Refused by the server (e.g. a read-only mailbox): kept pending and reported, and
+            // the poll goes on registering what arrives.
+            Err(crate::imap::ImapError::No { step, text }) => {
+                tracing::error!(
+                    mailbox = %p.mb.id,
+                    action = %action,
+                    uids = %crate::imap::uid_set::format(&uids),
+                    step,
+                    answer = %text,
+                    "the server refused the acknowledgement; it is kept for the next poll"
+                );
+                if let Ok(mut refused) = p.refused_acks.lock() {
+                    let why = format!("{step}: the server said NO: {text}");
+                    refused.extend(uids.iter().map(|u| (*u, why.clone())));
+                }
+                continue;
+            }
+            Err(e) => return Err(p.imap()(e)),
         }
         registry
             .acks_done(mailbox, folder, &acks, "acked")

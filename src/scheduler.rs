@@ -101,7 +101,8 @@ fn log_outcome(mb: &MailboxConfig, result: &Result<PollReport, PollError>) {
         Ok(r) => tracing::error!(
             mailbox = %mb.id,
             failed = r.failed.len(),
-            "poll finished with messages that could not be registered"
+            unacknowledged = r.unacknowledged.len(),
+            "poll finished with messages that could not be registered or acknowledged"
         ),
         Err(e) if e.is_transient() => {
             tracing::warn!(mailbox = %mb.id, error = %e, "poll failed (temporary); next tick retries")

@@ -565,6 +565,70 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     );
 }
 
+/// An acknowledgement the server refuses (a tagged NO: here a MOVE into a folder it cannot
+/// create) is an error, kept pending, and does not stop intake: the next poll still registers
+/// new mail. The old stream-draining STORE/MOVE path could not tell a NO from success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_acknowledgement_is_reported_kept_and_intake_goes_on() {
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    // A folder name longer than a file name may be: CREATE and MOVE are answered NO.
+    let target: &'static str = format!("move:{}", "x".repeat(300)).leak();
+    mb.after = target;
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    let first = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "UID {first}: registered, but the acknowledgement was refused"
+        )),
+        "{}",
+        text(&out)
+    );
+    let registry = bed.registry().await;
+    assert_eq!(registry.list(None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        registry
+            .pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.uid)
+            .collect::<Vec<_>>(),
+        vec![first],
+        "the refused acknowledgement stays pending"
+    );
+    assert_eq!(bed.dovecot.uids(PODATELNA, "INBOX").unwrap(), vec![first]);
+
+    // New mail is still registered while the old acknowledgement keeps being refused.
+    let second = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("podatelna: 1 new"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(registry.list(None, 10).await.unwrap().len(), 2);
+    let mut pending: Vec<u32> = registry
+        .pending_acks("podatelna", "INBOX")
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.uid)
+        .collect();
+    pending.sort_unstable();
+    assert_eq!(pending, vec![first, second]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_certificate_is_verified() {
     let bed = bed_with_apps().await;

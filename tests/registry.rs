@@ -80,7 +80,69 @@ both_backends!(
     eight_concurrent_writers_get_numbers_without_gaps_or_duplicates,
     nul_bytes_in_text_do_not_break_either_backend,
     many_processes_opening_a_fresh_registry_at_once_all_succeed,
+    a_lost_acknowledgement_is_queued_again_at_most_three_times,
 );
+
+async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(0);
+    register(&r, &imap(5), &raw, &s).await;
+    // Still pending from the registration: nothing to queue again.
+    let (queued, given_up) = r
+        .requeue_acks("podatelna", "INBOX", 7, &[5, 6], Some("seen"), None)
+        .await
+        .unwrap();
+    assert_eq!((queued, given_up), (0, vec![]));
+    let mut pending = r.pending_acks("podatelna", "INBOX").await.unwrap();
+    assert_eq!(pending.len(), 1);
+    for round in 1..=mailintake::registry::MAX_ACK_REPEATS {
+        r.acks_done("podatelna", "INBOX", &pending, "acked")
+            .await
+            .unwrap();
+        // The server still shows UID 5 unseen; UID 6 was never recorded here.
+        let (queued, given_up) = r
+            .requeue_acks("podatelna", "INBOX", 7, &[5, 6], Some("seen"), None)
+            .await
+            .unwrap();
+        assert_eq!((queued, given_up), (1, vec![]), "round {round}");
+        pending = r.pending_acks("podatelna", "INBOX").await.unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .map(|a| (a.uid, a.action.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(5, "seen")]
+        );
+    }
+    r.acks_done("podatelna", "INBOX", &pending, "acked")
+        .await
+        .unwrap();
+    let (queued, given_up) = r
+        .requeue_acks("podatelna", "INBOX", 7, &[5], Some("seen"), None)
+        .await
+        .unwrap();
+    assert_eq!((queued, given_up), (0, vec![5]), "given up after the cap");
+    assert!(
+        r.pending_acks("podatelna", "INBOX")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let repeated = r
+        .events(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "ack-repeated" && e.uid == Some(5))
+        .count();
+    assert_eq!(repeated, mailintake::registry::MAX_ACK_REPEATS as usize);
+    // Under another UIDVALIDITY the UID names another message: nothing is queued.
+    let (queued, _) = r
+        .requeue_acks("podatelna", "INBOX", 8, &[5], Some("seen"), None)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "another UIDVALIDITY names other messages");
+}
 
 async fn registration_writes_everything_in_one_transaction(db: &TestDb) {
     let r = Registry::open(&db.url()).await.unwrap();

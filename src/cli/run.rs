@@ -73,6 +73,12 @@ pub async fn once(config: Config) -> anyhow::Result<bool> {
                 for (uid, reason) in &r.failed {
                     eprintln!("error: mailbox {}: UID {uid}: {reason}", o.mailbox_id);
                 }
+                for (uid, reason) in &r.unacknowledged {
+                    eprintln!(
+                        "error: mailbox {}: UID {uid}: registered, but the acknowledgement was refused ({reason}); it is kept and tried again",
+                        o.mailbox_id
+                    );
+                }
             }
             Err(e) => eprintln!("error: {e}"),
         }

@@ -6,6 +6,9 @@ use sqlx::Row;
 use super::batch::{V, delete_where_in, insert_rows};
 use super::{PendingAck, Registry, RegistryError, clean, now};
 
+/// How often the acknowledgement of one location is repeated (see [`Registry::requeue_acks`]).
+pub const MAX_ACK_REPEATS: u32 = 3;
+
 impl Registry {
     /// Acknowledgements not yet confirmed by the server, oldest first.
     pub async fn pending_acks(
@@ -35,10 +38,11 @@ impl Registry {
     }
 
     /// Queues the acknowledgement again for messages recorded at these locations that the
-    /// server still offers (unseen, or still in the folder after a move): an acknowledgement
-    /// that was lost on the server side (it answered OK and kept the old flags, or lost them in
-    /// a restart) is repeated, never left undone for good. `ack` applies to registered records,
-    /// `quarantine_ack` to quarantined ones. Returns how many were queued.
+    /// server still shows unseen: an acknowledgement lost on the server's side (it answered OK
+    /// and kept the old flags, or lost them in a restart) is repeated, not left undone for good.
+    /// `ack` applies to registered records, `quarantine_ack` to quarantined ones (`None`: not
+    /// repeated). A location is repeated at most [`MAX_ACK_REPEATS`] times; the UIDs past that
+    /// are returned for the caller to report. Returns (queued, given up).
     pub async fn requeue_acks(
         &self,
         mailbox_id: &str,
@@ -47,12 +51,17 @@ impl Registry {
         uids: &[u32],
         ack: Option<&str>,
         quarantine_ack: Option<&str>,
-    ) -> Result<usize, RegistryError> {
+    ) -> Result<(usize, Vec<u32>), RegistryError> {
         let (Some(lo), Some(hi)) = (uids.iter().min(), uids.iter().max()) else {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         };
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
-            "SELECT l.uid, l.message_id, m.status FROM message_locations l \
+            "SELECT l.uid, l.message_id, m.status, \
+             (SELECT COUNT(*) FROM events e WHERE e.message_id = l.message_id \
+                 AND e.kind = 'ack-repeated' AND e.mailbox_id = l.mailbox_id \
+                 AND e.folder = l.folder AND e.uidvalidity = l.uidvalidity AND e.uid = l.uid) \
+             FROM message_locations l \
              JOIN messages m ON m.id = l.message_id \
              WHERE l.mailbox_id = $1 AND l.folder = $2 AND l.uidvalidity = $3 \
              AND l.uid >= $4 AND l.uid <= $5 \
@@ -64,27 +73,30 @@ impl Registry {
         .bind(i64::from(uidvalidity))
         .bind(i64::from(*lo))
         .bind(i64::from(*hi))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(RegistryError::db("look up acknowledgements to repeat"))?;
         let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
-        let again: Vec<(u32, i64, &str)> = rows
-            .iter()
-            .filter_map(|r| {
-                let uid = r.get::<i64, _>(0) as u32;
-                let action = match r.get::<String, _>(2).as_str() {
-                    "registered" => ack,
-                    _ => quarantine_ack,
-                }?;
-                wanted
-                    .contains(&uid)
-                    .then(|| (uid, r.get::<i64, _>(1), action))
-            })
-            .collect();
-        if again.is_empty() {
-            return Ok(0);
+        let mut again: Vec<(u32, i64, &str)> = Vec::new();
+        let mut given_up = Vec::new();
+        for r in &rows {
+            let uid = r.get::<i64, _>(0) as u32;
+            let action = match r.get::<String, _>(2).as_str() {
+                "registered" => ack,
+                _ => quarantine_ack,
+            };
+            let (Some(action), true) = (action, wanted.contains(&uid)) else {
+                continue;
+            };
+            if r.get::<i64, _>(3) >= i64::from(MAX_ACK_REPEATS) {
+                given_up.push(uid);
+            } else {
+                again.push((uid, r.get::<i64, _>(1), action));
+            }
         }
-        let mut tx = self.begin_write().await?;
+        if again.is_empty() {
+            return Ok((0, given_up));
+        }
         let at = now();
         let mut pending = Vec::with_capacity(again.len());
         let mut events = Vec::with_capacity(again.len());
@@ -130,7 +142,7 @@ impl Registry {
         tx.commit()
             .await
             .map_err(RegistryError::db("commit repeated acknowledgements"))?;
-        Ok(again.len())
+        Ok((again.len(), given_up))
     }
 
     /// Deletes acknowledgements the server confirmed (`kind` = `acked`) or that can no longer

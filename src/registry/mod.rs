@@ -12,6 +12,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 mod acks;
+pub use acks::MAX_ACK_REPEATS;
 mod batch;
 pub mod numbers;
 mod records;
