@@ -927,33 +927,36 @@ fn uid_of(source: &Source) -> u32 {
 
 type Spawned<T> = (u32, Source, tokio::task::JoinHandle<Result<T, IngestError>>);
 
-/// Preparations in flight, handed out in the order the messages were fetched.
+/// Preparations in flight, handed out in the order the messages were fetched. At most
+/// `parallel` are in flight, counting the one being handed out: with `parallel = 1` the next
+/// message's preparation (and its attempt count) starts only after the caller committed the
+/// previous one, so a worker killed while committing message k is not held against message
+/// k+1 as well.
 struct InOrder<T, S> {
     waiting: std::vec::IntoIter<crate::imap::Fetched>,
     in_flight: std::collections::VecDeque<Spawned<T>>,
+    parallel: usize,
     spawn: S,
 }
 
 impl<T, S: FnMut(crate::imap::Fetched) -> Spawned<T>> InOrder<T, S> {
-    fn new(fetched: Vec<crate::imap::Fetched>, parallel: usize, mut spawn: S) -> Self {
-        let mut waiting = fetched.into_iter();
-        let in_flight = waiting
-            .by_ref()
-            .take(parallel.max(1))
-            .map(&mut spawn)
-            .collect();
+    fn new(fetched: Vec<crate::imap::Fetched>, parallel: usize, spawn: S) -> Self {
         InOrder {
-            waiting,
-            in_flight,
+            waiting: fetched.into_iter(),
+            in_flight: std::collections::VecDeque::new(),
+            parallel: parallel.max(1),
             spawn,
         }
     }
 
     async fn next(&mut self, pipeline: &Pipeline) -> Option<(u32, Source, Result<T, IngestError>)> {
-        let (uid, source, handle) = self.in_flight.pop_front()?;
-        if let Some(next) = self.waiting.next() {
+        while self.in_flight.len() < self.parallel {
+            let Some(next) = self.waiting.next() else {
+                break;
+            };
             self.in_flight.push_back((self.spawn)(next));
         }
+        let (uid, source, handle) = self.in_flight.pop_front()?;
         let result = match handle.await {
             Ok(result) => result,
             Err(join) => Err(IngestError::Failed {
