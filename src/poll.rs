@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AfterAction, Config, MailboxConfig};
 use crate::credentials::{CredentialError, Credentials};
 use crate::failpoint;
-use crate::imap::{Endpoint, ImapError, MailSession};
+use crate::imap::{Candidates, Endpoint, ImapError, MailSession};
 use crate::pipeline::{
     CommitMode, IngestError, Ingested, Pipeline, RawMessage, Source, commit, commit_batch, prepare,
     prepare_staged,
@@ -204,16 +204,18 @@ async fn poll_session(
         .map_err(p.reg())?
         .map(|s| s.high_water_uid)
         .unwrap_or(0);
-    let candidates = session.candidates(high_water).await.map_err(p.imap())?;
+    let Candidates {
+        uids: candidates,
+        unseen,
+    } = session.candidates(high_water).await.map_err(p.imap())?;
     report.candidates = candidates.len();
     let done = registry
         .known_uids(&mb.id, &mb.folder, selected.uidvalidity, &candidates)
         .await
         .map_err(p.reg())?;
     report.already_registered = done.len();
-    if !done.is_empty() {
-        report.acked += repeat_lost_acks(p, session, selected.uidvalidity, &done).await?;
-    }
+    let lost: Vec<u32> = unseen.into_iter().filter(|u| done.contains(u)).collect();
+    report.acked += repeat_lost_acks(p, session, selected.uidvalidity, &lost).await?;
     let todo: Vec<u32> = candidates
         .iter()
         .copied()
@@ -591,8 +593,10 @@ impl Batch<'_, '_> {
             let chunk: Vec<(RawMessage, Source)> = fetched
                 .by_ref()
                 .take(per_chunk)
-                .map(|f| (self.source(f.uid), f))
-                .map(|(source, f)| (RawMessage::new(f), source))
+                .map(|f| {
+                    let source = self.source(f.uid);
+                    (RawMessage::new(f), source)
+                })
                 .collect();
             let pipeline = pipeline.clone();
             chunks.push(AbortOnDrop(tokio::spawn(async move {
@@ -985,7 +989,8 @@ fn ack_action(after: &AfterAction) -> Option<String> {
     }
 }
 
-/// Messages already recorded that the server still shows unseen: their `\Seen` was lost on the
+/// `unseen`: messages already recorded that the server still shows unseen (sorted, from this
+/// poll's candidates). Their `\Seen` was lost on the
 /// server's side (a server that answered OK and kept the old flags, or lost them in a restart).
 /// The acknowledgement is queued again and performed now, at most `MAX_ACK_REPEATS` times per
 /// message. Only `seen` is repeated: a `move:` that half happened (copied, not expunged) would
@@ -994,37 +999,19 @@ async fn repeat_lost_acks(
     p: &Poller<'_>,
     session: &mut MailSession,
     uidvalidity: u32,
-    done: &HashSet<u32>,
+    unseen: &[u32],
 ) -> Result<usize, PollError> {
     let mb = p.mb;
     let seen_only = |after: &AfterAction| (*after == AfterAction::Seen).then_some("seen");
     let (ack, quarantine_ack) = (seen_only(&mb.after), seen_only(&mb.after_quarantine));
-    if ack.is_none() && quarantine_ack.is_none() {
+    if unseen.is_empty() || (ack.is_none() && quarantine_ack.is_none()) {
         return Ok(0);
     }
-    let mut unseen: Vec<u32> = session
-        .uid_search("UNSEEN")
-        .await
-        .map_err(p.imap())?
-        .into_iter()
-        .filter(|u| done.contains(u))
-        .collect();
-    if unseen.is_empty() {
-        return Ok(0);
-    }
-    unseen.sort_unstable();
     let (queued, given_up) = p
         .ctx
         .pipeline
         .registry
-        .requeue_acks(
-            &mb.id,
-            &mb.folder,
-            uidvalidity,
-            &unseen,
-            ack,
-            quarantine_ack,
-        )
+        .requeue_acks(&mb.id, &mb.folder, uidvalidity, unseen, ack, quarantine_ack)
         .await
         .map_err(p.reg())?;
     if !given_up.is_empty() {
@@ -1041,7 +1028,7 @@ async fn repeat_lost_acks(
     tracing::warn!(
         mailbox = %mb.id,
         queued,
-        uids = %crate::imap::uid_set::format(&unseen),
+        uids = %crate::imap::uid_set::format(unseen),
         "recorded messages are still unseen on the server: acknowledging them again"
     );
     drain_acks(p, session, uidvalidity).await

@@ -457,15 +457,9 @@ async fn dovecot_unreachable_then_stopped_mid_run_loses_nothing_and_the_next_run
 async fn registered_mail_the_server_still_shows_unseen_is_acknowledged_again() {
     use std::os::unix::fs::PermissionsExt;
 
-    let bed = bed_with_apps().await;
+    let mut bed = bed_with_apps().await;
+    bed.imap_extra = "batch_max_messages = 1".into();
     bed.configure(&[podatelna()]);
-    std::fs::write(
-        &bed.config,
-        std::fs::read_to_string(&bed.config)
-            .unwrap()
-            .replace("[imap]\n", "[imap]\nbatch_max_messages = 1\n"),
-    )
-    .unwrap();
     let fixtures = fixtures();
     let n = 40;
     for i in 0..n {

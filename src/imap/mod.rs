@@ -11,7 +11,8 @@ pub mod uid_set;
 use std::time::Duration;
 
 pub use session::{
-    Endpoint, Fetched, MailSession, Opened, PeerCertificate, Selected, connect_tcp, establish,
+    Candidates, Endpoint, Fetched, MailSession, Opened, PeerCertificate, Selected, connect_tcp,
+    establish,
 };
 
 /// Why an IMAP operation failed. Callers branch on [`ImapError::is_transient`] (retry later) and

@@ -27,6 +27,15 @@ pub struct Endpoint<'a> {
     pub io_timeout: Duration,
 }
 
+/// What a poll looks at: see [`MailSession::candidates`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Candidates {
+    /// Every unseen message and every message above the high-water mark, sorted ascending.
+    pub uids: Vec<u32>,
+    /// The unseen ones among them, sorted ascending.
+    pub unseen: Vec<u32>,
+}
+
 /// The state of a folder after SELECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selected {
@@ -390,10 +399,11 @@ impl MailSession {
 
     /// The UIDs to look at in this poll: every unseen message, plus every message above the
     /// high-water mark whatever its flags (someone may have read it in another client before we
-    /// saw it). Sorted ascending. Sends NOOP first so mail delivered since SELECT is visible.
-    pub async fn candidates(&mut self, high_water: u32) -> Result<Vec<u32>, ImapError> {
+    /// saw it). Sends NOOP first so mail delivered since SELECT is visible.
+    pub async fn candidates(&mut self, high_water: u32) -> Result<Candidates, ImapError> {
         self.noop().await?;
-        let mut uids = self.uid_search("UNSEEN").await?;
+        let unseen = self.uid_search("UNSEEN").await?;
+        let mut uids = unseen.clone();
         if let Some(next) = high_water.checked_add(1) {
             // `n:*` with n above the highest UID still matches the highest message: filter.
             let above = self.uid_search(&format!("UID {next}:*")).await?;
@@ -401,7 +411,7 @@ impl MailSession {
         }
         uids.sort_unstable();
         uids.dedup();
-        Ok(uids)
+        Ok(Candidates { uids, unseen })
     }
 
     /// `UID FETCH set (UID RFC822.SIZE)`: sizes for batching by bytes, sorted by UID.

@@ -3,7 +3,7 @@
 
 use sqlx::Row;
 
-use super::batch::{V, delete_where_in, insert_rows};
+use super::batch::{V, append_events, delete_where_in, insert_rows};
 use super::{PendingAck, Registry, RegistryError, clean, now};
 
 /// How often the acknowledgement of one location is repeated (see [`Registry::requeue_acks`]).
@@ -110,18 +110,13 @@ impl Registry {
                 V::I(Some(*message_id)),
                 V::T(Some(at.clone())),
             ]);
-            events.push(vec![
-                V::T(Some(at.clone())),
-                V::T(Some("ack-repeated".to_owned())),
-                V::T(Some(mailbox_id.to_owned())),
-                V::T(Some(folder.to_owned())),
-                V::I(Some(i64::from(uidvalidity))),
-                V::I(Some(i64::from(*uid))),
-                V::I(Some(*message_id)),
-                V::T(Some(clean(&format!(
-                    "{action}: recorded, but the server still offers it"
-                )))),
-            ]);
+            events.push(ack_event(
+                &at,
+                "ack-repeated",
+                (mailbox_id, folder, uidvalidity, *uid),
+                *message_id,
+                &format!("{action}: recorded, but the server still offers it"),
+            ));
         }
         insert_rows(
             &mut tx,
@@ -131,14 +126,7 @@ impl Registry {
             "queue acknowledgements again",
         )
         .await?;
-        insert_rows(
-            &mut tx,
-            "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
-            "",
-            events,
-            "append events",
-        )
-        .await?;
+        append_events(&mut tx, events).await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit repeated acknowledgements"))?;
@@ -165,29 +153,39 @@ impl Registry {
         let events = acks
             .iter()
             .map(|ack| {
-                vec![
-                    V::T(Some(at.clone())),
-                    V::T(Some(kind.to_owned())),
-                    V::T(Some(mailbox_id.to_owned())),
-                    V::T(Some(folder.to_owned())),
-                    V::I(Some(i64::from(ack.uidvalidity))),
-                    V::I(Some(i64::from(ack.uid))),
-                    V::I(Some(ack.message_id)),
-                    V::T(Some(clean(&ack.action))),
-                ]
+                ack_event(
+                    &at,
+                    kind,
+                    (mailbox_id, folder, ack.uidvalidity, ack.uid),
+                    ack.message_id,
+                    &ack.action,
+                )
             })
             .collect();
-        insert_rows(
-            &mut tx,
-            "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
-            "",
-            events,
-            "append events",
-        )
-        .await?;
+        append_events(&mut tx, events).await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit acks"))?;
         Ok(())
     }
+}
+
+/// The audit event of an acknowledgement at (mailbox, folder, UIDVALIDITY, UID).
+fn ack_event(
+    at: &str,
+    kind: &str,
+    (mailbox_id, folder, uidvalidity, uid): (&str, &str, u32, u32),
+    message_id: i64,
+    detail: &str,
+) -> Vec<V> {
+    vec![
+        V::T(Some(at.to_owned())),
+        V::T(Some(kind.to_owned())),
+        V::T(Some(mailbox_id.to_owned())),
+        V::T(Some(folder.to_owned())),
+        V::I(Some(i64::from(uidvalidity))),
+        V::I(Some(i64::from(uid))),
+        V::I(Some(message_id)),
+        V::T(Some(clean(detail))),
+    ]
 }

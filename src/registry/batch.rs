@@ -38,6 +38,20 @@ fn i(n: i64) -> V {
 /// 3,200 per statement).
 const MAX_PARAMS: usize = 512;
 
+/// Appends audit events, one row each: (at, kind, mailbox_id, folder, uidvalidity, uid,
+/// message_id, detail).
+pub(super) async fn append_events(tx: &mut Tx, rows: Vec<Vec<V>>) -> Result<(), RegistryError> {
+    insert_rows(
+        tx,
+        "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
+        "",
+        rows,
+        "append events",
+    )
+    .await?;
+    Ok(())
+}
+
 /// `INSERT INTO {head} VALUES (…), (…) {tail}` for `rows`, in chunks that respect the parameter
 /// limit; returns the rows of `RETURNING` (empty without one).
 pub(super) async fn insert_rows(
@@ -443,14 +457,7 @@ impl Registry {
             "insert pending acks",
         )
         .await?;
-        insert_rows(
-            tx,
-            "events (at, kind, mailbox_id, folder, uidvalidity, uid, message_id, detail)",
-            "",
-            event_rows,
-            "append events",
-        )
-        .await?;
+        append_events(tx, event_rows).await?;
         for chunk in written_uids.chunks(MAX_PARAMS / 2) {
             let sql = format!(
                 "DELETE FROM processing_attempts \
