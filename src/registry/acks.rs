@@ -120,13 +120,14 @@ impl Registry {
         }
         insert_rows(
             &mut tx,
+            self.backend,
             "pending_acks (mailbox_id, folder, uidvalidity, uid, action, message_id, created_at)",
             "ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO NOTHING",
             pending,
             "queue acknowledgements again",
         )
         .await?;
-        append_events(&mut tx, events).await?;
+        append_events(&mut tx, self.backend, events).await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit repeated acknowledgements"))?;
@@ -149,7 +150,13 @@ impl Registry {
         let at = now();
         // A few set-based statements, not two per acknowledgement.
         let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        delete_where_in(&mut tx, "DELETE FROM pending_acks WHERE id IN", &ids).await?;
+        delete_where_in(
+            &mut tx,
+            self.backend,
+            "DELETE FROM pending_acks WHERE id IN",
+            &ids,
+        )
+        .await?;
         let events = acks
             .iter()
             .map(|ack| {
@@ -162,7 +169,7 @@ impl Registry {
                 )
             })
             .collect();
-        append_events(&mut tx, events).await?;
+        append_events(&mut tx, self.backend, events).await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit acks"))?;

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use sqlx::Row;
 
+use super::batch::{V, insert_rows, param, placeholders};
 use super::records::insert_event;
 use super::{Location, MailboxState, Registry, RegistryError, UidValidityCheck, clean, now};
 
@@ -215,12 +216,16 @@ impl Registry {
         uidvalidity: u32,
         uids: &[u32],
     ) -> Result<bool, RegistryError> {
+        let b = self.backend;
         let mut tx = self.begin_write().await?;
         for chunk in uids.chunks(ATTEMPT_CHUNK) {
             let sql = format!(
                 "SELECT COUNT(*) FROM processing_attempts \
-                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND attempts > 0 AND uid IN ({})",
-                placeholders(4, chunk.len())
+                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND attempts > 0 AND uid IN ({})",
+                param(b, 1),
+                param(b, 2),
+                param(b, 3),
+                placeholders(b, 4, chunk.len())
             );
             // Only placeholders were added to the constant text: no value reaches the SQL.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -243,30 +248,29 @@ impl Registry {
             }
         }
         let at = now();
-        for chunk in uids.chunks(ATTEMPT_CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("($1, $2, $3, ${}, 1, $4)", i + 5))
-                .collect();
-            let sql = format!(
-                "INSERT INTO processing_attempts (mailbox_id, folder, uidvalidity, uid, attempts, updated_at) \
-                 VALUES {} ON CONFLICT (mailbox_id, folder, uidvalidity, uid) \
-                 DO UPDATE SET attempts = processing_attempts.attempts + 1, updated_at = $4",
-                rows.join(", ")
-            );
-            // Only placeholders were added to the constant text: no value reaches the SQL.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(mailbox_id)
-                .bind(folder)
-                .bind(i64::from(uidvalidity))
-                .bind(&at);
-            for uid in chunk {
-                query = query.bind(i64::from(*uid));
-            }
-            query
-                .execute(&mut *tx)
-                .await
-                .map_err(RegistryError::db("count processing attempts"))?;
-        }
+        let rows = uids
+            .iter()
+            .map(|uid| {
+                vec![
+                    V::T(Some(mailbox_id.to_owned())),
+                    V::T(Some(folder.to_owned())),
+                    V::I(Some(i64::from(uidvalidity))),
+                    V::I(Some(i64::from(*uid))),
+                    V::I(Some(1)),
+                    V::T(Some(at.clone())),
+                ]
+            })
+            .collect();
+        insert_rows(
+            &mut tx,
+            b,
+            "processing_attempts (mailbox_id, folder, uidvalidity, uid, attempts, updated_at)",
+            "ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO UPDATE \
+             SET attempts = processing_attempts.attempts + 1, updated_at = excluded.updated_at",
+            rows,
+            "count processing attempts",
+        )
+        .await?;
         tx.commit()
             .await
             .map_err(RegistryError::db("commit processing attempts"))?;
@@ -283,11 +287,15 @@ impl Registry {
         uidvalidity: u32,
         uids: &[u32],
     ) -> Result<(), RegistryError> {
+        let b = self.backend;
         for chunk in uids.chunks(ATTEMPT_CHUNK) {
             let sql = format!(
                 "UPDATE processing_attempts SET attempts = attempts - 1 \
-                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND attempts > 0 AND uid IN ({})",
-                placeholders(4, chunk.len())
+                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND attempts > 0 AND uid IN ({})",
+                param(b, 1),
+                param(b, 2),
+                param(b, 3),
+                placeholders(b, 4, chunk.len())
             );
             // Only placeholders were added to the constant text: no value reaches the SQL.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -343,11 +351,3 @@ impl Registry {
 
 /// UIDs per statement in the batch attempt queries (well under SQLite's parameter limit).
 const ATTEMPT_CHUNK: usize = 400;
-
-/// `$first, $first+1, …` for `n` values.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
