@@ -642,11 +642,31 @@ struct Committed {
     stopped: Option<IngestError>,
 }
 
-/// Publishes a staged batch's blobs (one flush) and commits it in one transaction — or, when
-/// it cannot commit as one, message by message. Runs while the next batch is prepared.
-fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed> {
+/// A staged batch whose blobs are being made durable (one flush, the renames, a second flush)
+/// on a blocking thread, and its messages, which may commit once that finished.
+struct PublishingBatch {
+    publishing: tokio::task::JoinHandle<Result<(), crate::raw_store::StoreError>>,
+    ready: Vec<(crate::pipeline::PreparedMessage, Source)>,
+}
+
+/// Starts publishing a staged batch's blobs at once. This need not wait for the previous batch
+/// to commit: a durable blob no record refers to yet is harmless (content-addressed, and
+/// `registry gc` collects it if nothing ever refers to it), and this batch's records still commit only after
+/// its blobs are durable. So the flush of batch k+1 overlaps the registry commit of batch k.
+fn spawn_publish(pipeline: &Pipeline, batch: StagedBatch) -> PublishingBatch {
+    let StagedBatch { staged, ready } = batch;
+    let store = std::sync::Arc::clone(&pipeline.store);
+    PublishingBatch {
+        publishing: tokio::task::spawn_blocking(move || store.publish(staged)),
+        ready,
+    }
+}
+
+/// Waits for a batch's blobs to be durable, then commits it in one transaction — or, when it
+/// cannot commit as one, message by message. Runs while the next batch is prepared.
+fn spawn_commit(pipeline: Pipeline, batch: PublishingBatch) -> AbortOnDrop<Committed> {
     AbortOnDrop(tokio::spawn(async move {
-        let StagedBatch { staged, ready } = batch;
+        let PublishingBatch { publishing, ready } = batch;
         let uids: Vec<u32> = ready.iter().map(|(_, s)| uid_of(s)).collect();
         let mut done = Committed {
             uids,
@@ -654,8 +674,7 @@ fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed
             stopped: None,
         };
         let started = std::time::Instant::now();
-        let store = std::sync::Arc::clone(&pipeline.store);
-        let published = match tokio::task::spawn_blocking(move || store.publish(staged)).await {
+        let published = match publishing.await {
             Ok(result) => result.map_err(IngestError::from),
             Err(join) => Err(IngestError::Failed {
                 attempt: 1,
@@ -671,7 +690,7 @@ fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed
         let committed = commit_batch(&pipeline, &ready).await;
         tracing::debug!(
             messages = ready.len(),
-            publish_ms = (flushed - started).as_secs_f64() * 1e3,
+            publish_wait_ms = (flushed - started).as_secs_f64() * 1e3,
             commit_ms = flushed.elapsed().as_secs_f64() * 1e3,
             "batch committed"
         );
@@ -701,10 +720,11 @@ fn spawn_commit(pipeline: Pipeline, batch: StagedBatch) -> AbortOnDrop<Committed
     }))
 }
 
-/// The batch-commit loop ([`CommitMode::PerBatch`]): while batch k is flushed and committed on
-/// its own task, batch k+1 is prepared; commits stay in UID order (k+1 is published only after
-/// k committed), and each batch's acknowledgement is requested as soon as it committed, without
-/// waiting for it before going on (at most one request outstanding).
+/// The batch-commit loop ([`CommitMode::PerBatch`]): while batch k commits on its own task,
+/// batch k+1 is prepared and its blobs are flushed; commits stay in UID order (k+1 commits only
+/// after k committed, and only once its own blobs are durable), and each batch's
+/// acknowledgement is requested as soon as it committed, without waiting for it before going
+/// on (at most one request outstanding).
 async fn process_batches_pipelined(
     p: &Poller<'_>,
     mut batches: mpsc::Receiver<FetchedBatch>,
@@ -768,7 +788,10 @@ async fn process_batches_pipelined(
                 registered: &mut *registered,
             };
             let counted = std::time::Instant::now();
-            let staged = work.stage(batch.fetched, &mut outcomes).await;
+            let staged = work
+                .stage(batch.fetched, &mut outcomes)
+                .await
+                .map(|staged| spawn_publish(&p.ctx.pipeline, staged));
             let prepared = std::time::Instant::now();
             // The previous batch must have committed before this one is published.
             let previous = finish(p, uidvalidity, committing.take(), report, registered).await;
@@ -789,12 +812,13 @@ async fn process_batches_pipelined(
                     mailbox: mb.id.clone(),
                     source,
                 }),
+                // Its blobs may get published all the same: harmless, nothing refers to them.
                 (Ok(()), Ok(_)) if cancel.is_cancelled() => {
                     report.interrupted = true;
                     None
                 }
-                (Ok(()), Ok(staged)) => {
-                    committing = Some(spawn_commit(p.ctx.pipeline.clone(), staged));
+                (Ok(()), Ok(publishing)) => {
+                    committing = Some(spawn_commit(p.ctx.pipeline.clone(), publishing));
                     continue;
                 }
             };
