@@ -651,8 +651,9 @@ struct PublishingBatch {
 
 /// Starts publishing a staged batch's blobs at once. This need not wait for the previous batch
 /// to commit: a durable blob no record refers to yet is harmless (content-addressed, and
-/// `registry gc` collects it if nothing ever refers to it), and this batch's records still commit only after
-/// its blobs are durable. So the flush of batch k+1 overlaps the registry commit of batch k.
+/// `registry gc` collects it if nothing ever refers to it), and this batch's records still
+/// commit only after its blobs are durable. So the flush of batch k+1 overlaps the registry
+/// commit of batch k.
 fn spawn_publish(pipeline: &Pipeline, batch: StagedBatch) -> PublishingBatch {
     let StagedBatch { staged, ready } = batch;
     let store = std::sync::Arc::clone(&pipeline.store);
