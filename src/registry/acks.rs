@@ -73,7 +73,7 @@ impl Registry {
         .bind(i64::from(uidvalidity))
         .bind(i64::from(*lo))
         .bind(i64::from(*hi))
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(RegistryError::db("look up acknowledgements to repeat"))?;
         let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();

@@ -269,43 +269,6 @@ pub struct Registry {
     pool: AnyPool,
     backend: Backend,
     numbering: std::sync::Arc<numbers::Numbering>,
-    /// SQLite: this process's writers take turns here (see [`WriteTx`]).
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
-}
-
-/// A write transaction. On SQLite it also holds this process's turn to write, taken before
-/// `BEGIN IMMEDIATE`: the writers of one process queue on an async lock and the next starts
-/// the moment the previous one ends. Without it they meet in SQLite's busy handler, which
-/// retries after sleeps of 1, 2, 5, 10 … up to 100 ms (measured: a batch's attempt
-/// transaction waited 14 ms on average behind the previous batch's commit). Writers of other
-/// processes still meet there.
-pub(crate) struct WriteTx {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl WriteTx {
-    /// Commits, then gives the turn to the next writer.
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
-    }
-
-    pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
-    }
-}
-
-impl std::ops::Deref for WriteTx {
-    type Target = sqlx::Transaction<'static, sqlx::Any>;
-    fn deref(&self) -> &Self::Target {
-        &self.tx
-    }
-}
-
-impl std::ops::DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
-    }
 }
 
 /// Now as the registry stores times: RFC 3339 UTC with microseconds (sorts as text).
@@ -466,25 +429,18 @@ impl Registry {
             pool,
             backend,
             numbering: std::sync::Arc::new(numbers::Numbering::default()),
-            writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// A transaction that will write. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`): a deferred transaction that reads first cannot upgrade its lock
     /// while another writer is active and fails with "database is locked" at once.
-    async fn begin_write(&self) -> Result<WriteTx, RegistryError> {
-        let (begin, turn) = match self.backend {
-            Backend::Sqlite => {
-                let turn = std::sync::Arc::clone(&self.writer).lock_owned().await;
-                (self.pool.begin_with("BEGIN IMMEDIATE").await, Some(turn))
-            }
-            Backend::Postgres => (self.pool.begin().await, None),
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, RegistryError> {
+        let begin = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
         };
-        Ok(WriteTx {
-            tx: begin.map_err(RegistryError::db("begin transaction"))?,
-            _turn: turn,
-        })
+        begin.map_err(RegistryError::db("begin transaction"))
     }
 
     /// Sets how registry numbers are made (prefix and format).

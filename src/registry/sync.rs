@@ -44,7 +44,7 @@ impl Registry {
             sqlx::query("SELECT uidvalidity FROM mailboxes WHERE mailbox_id = $1 AND folder = $2")
                 .bind(mailbox_id)
                 .bind(folder)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(RegistryError::db("read mailbox state"))?;
         let previous: Option<Option<i64>> = row.map(|r| r.get(0));
@@ -60,7 +60,7 @@ impl Registry {
                 .bind(address)
                 .bind(i64::from(uidvalidity))
                 .bind(&at)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(RegistryError::db("insert mailbox state"))?;
                 UidValidityCheck::First
@@ -73,7 +73,7 @@ impl Registry {
                 .bind(address)
                 .bind(mailbox_id)
                 .bind(folder)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(RegistryError::db("update mailbox state"))?;
                 UidValidityCheck::Unchanged
@@ -88,7 +88,7 @@ impl Registry {
                 .bind(address)
                 .bind(mailbox_id)
                 .bind(folder)
-                .execute(&mut **tx)
+                .execute(&mut *tx)
                 .await
                 .map_err(RegistryError::db("reset mailbox state"))?;
                 match old {
@@ -236,7 +236,7 @@ impl Registry {
                 query = query.bind(i64::from(*uid));
             }
             let tried: i64 = query
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(RegistryError::db("look up processing attempts"))?
                 .get(0);
