@@ -994,14 +994,17 @@ impl Validator<'_> {
                     .as_ref()
                     .map(|r| r.get_ref().clone())
                     .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
-                if !(redirect_uri.starts_with("http://localhost:")
-                    || redirect_uri.starts_with("http://127.0.0.1:"))
-                {
+                let loopback = ["http://localhost", "http://127.0.0.1"].iter().any(|host| {
+                    redirect_uri
+                        .strip_prefix(host)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+                });
+                if !loopback {
                     self.problem(
                         c.redirect_uri.as_ref(),
                         key("redirect_uri"),
-                        format!("{redirect_uri:?} is not a loopback http:// URL with a port"),
-                        "use e.g. http://localhost:3017/ and register exactly that as a redirect URI of the app",
+                        format!("{redirect_uri:?} is not a loopback http:// URL"),
+                        "use e.g. http://localhost:3017/ (a fixed port) or http://localhost/ (any free port at login; Entra and RFC 8252 loopback redirects ignore the port) and register it as a redirect URI of the app",
                     );
                 }
                 let scopes = c.scopes.as_ref().map(|s| s.get_ref().clone());

@@ -18,7 +18,13 @@ impl SecretEnv for FakeEnv {
 }
 
 fn env() -> FakeEnv {
-    FakeEnv(HashMap::from([("MAILINTAKE_PODATELNA_SECRET", "s3cret")]))
+    FakeEnv(HashMap::from([
+        ("MAILINTAKE_PODATELNA_SECRET", "s3cret"),
+        (
+            "MAILINTAKE_TOKEN_KEY",
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        ),
+    ]))
 }
 
 const GOOD: &str = r#"
@@ -196,4 +202,32 @@ fn commit_mode_is_checked_and_batch_needs_room_for_one_crash() {
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].key, "registry.commit");
     assert!(p[0].problem.contains("max_attempts"), "{p:?}");
+}
+
+#[test]
+fn delegated_redirect_uri_is_loopback_with_or_without_a_port() {
+    let with = |uri: &str| {
+        format!(
+            "{GOOD}\n[secrets]\ntoken_key_env = \"MAILINTAKE_TOKEN_KEY\"\n\n[credentials.user]\nkind = \"entra-delegated\"\ntenant_id = \"t1\"\nclient_id = \"c2\"\nredirect_uri = \"{uri}\"\n"
+        )
+    };
+    for ok in [
+        "http://localhost:3017/",
+        "http://localhost/",
+        "http://127.0.0.1:8400/cb",
+        "http://127.0.0.1",
+    ] {
+        let c = Config::parse(Path::new("/x.toml"), &with(ok), &env());
+        assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+    }
+    for bad in [
+        "https://login.example/cb",
+        "http://localhost.evil.example/",
+        "http://example.org:3017/",
+    ] {
+        let p = problems(&with(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].key, "credentials.user.redirect_uri", "{p:?}");
+        assert!(p[0].problem.contains("not a loopback"), "{p:?}");
+    }
 }

@@ -22,12 +22,19 @@ fn mailbox_with(credential: &str) -> MailboxSpec {
     mb
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A free port below Linux's ephemeral range (32768-60999), for a fixed redirect URI: a port
+/// the kernel hands out could be taken by any connection or test server before `auth login`
+/// binds it.
+fn fixed_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 25;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + n) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn spawn(bed: &Bed, args: &[&str]) -> Child {
@@ -79,8 +86,15 @@ impl Interactive {
                 return v;
             }
         }
+        // Say why: the child's status and what it wrote to stderr.
+        let _ = self.child.kill();
+        let status = self.child.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
         panic!(
-            "the expected line never came; stdout so far:\n{}",
+            "the expected line never came; the child ended {status:?}; stdout so far:\n{}\nstderr:\n{stderr}",
             self.seen.join("\n")
         );
     }
@@ -117,7 +131,7 @@ async fn registers_one(bed: &Bed) {
     assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
 }
 
-fn delegated_toml(bed: &Bed, idp: &IdentityPlatform, kind: &str, port: u16) -> String {
+fn delegated_toml(bed: &Bed, idp: &IdentityPlatform, kind: &str, redirect_uri: &str) -> String {
     let key = bed.file("token.key", KEY_HEX.as_bytes());
     let specific = if kind == "entra-delegated" {
         format!(
@@ -135,37 +149,40 @@ fn delegated_toml(bed: &Bed, idp: &IdentityPlatform, kind: &str, port: u16) -> S
     };
     format!(
         "[secrets]\ntoken_key_file = \"{}\"\n\n[credentials.user]\nkind = \"{kind}\"\nclient_id = \"client-desktop\"\n\
-         redirect_uri = \"http://localhost:{port}/\"\n{specific}",
+         redirect_uri = \"{redirect_uri}\"\n{specific}",
         key.display()
     )
 }
 
-async fn delegated_bed(kind: &str) -> (Bed, u16) {
+/// A bed with a delegated credential whose app has `redirect_uri` registered (a fixed port, or
+/// none: any free port at login).
+async fn delegated_bed(kind: &str, redirect_uri: &str) -> Bed {
     let mut bed = Bed::start().await;
-    let port = free_port();
     bed.idp.add_user(TENANT, USER);
     bed.idp.set_signed_in_user(USER);
-    bed.idp.add_public_client(
-        TENANT,
-        "client-desktop",
-        None,
-        &[&format!("http://localhost:{port}/")],
-        true,
-    );
-    bed.credentials_toml = delegated_toml(&bed, &bed.idp, kind, port);
+    bed.idp
+        .add_public_client(TENANT, "client-desktop", None, &[redirect_uri], true);
+    bed.credentials_toml = delegated_toml(&bed, &bed.idp, kind, redirect_uri);
     bed.configure(&[mailbox_with("user")]);
-    (bed, port)
+    bed
 }
 
 /// Drives `auth login` like a person with a browser: opens the printed URL, follows the
 /// identity platform's redirect to the loopback listener.
-async fn browser_login(bed: &Bed) -> (std::process::ExitStatus, String, String) {
+/// Returns the login's exit status, stdout and stderr, and the redirect URI it sent.
+async fn browser_login(bed: &Bed) -> (std::process::ExitStatus, String, String, String) {
     let mut login = Interactive::spawn(bed, &["auth", "login", "podatelna"]);
     let url = login.until(|l| l.trim().starts_with("http").then(|| l.trim().to_owned()));
     assert!(
         url.contains("code_challenge="),
         "PKCE challenge missing: {url}"
     );
+    let redirect_uri = oauth2::url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
     let http = oauth2::reqwest::Client::builder()
         .redirect(oauth2::reqwest::redirect::Policy::none())
         .build()
@@ -175,7 +192,8 @@ async fn browser_login(bed: &Bed) -> (std::process::ExitStatus, String, String) 
     let location = answer.headers()["location"].to_str().unwrap().to_owned();
     let back = http.get(&location).send().await.unwrap();
     assert_eq!(back.status().as_u16(), 200);
-    login.finish().await
+    let (status, stdout, stderr) = login.finish().await;
+    (status, stdout, stderr, redirect_uri)
 }
 
 async fn stored_refresh_token(bed: &Bed) -> Option<String> {
@@ -225,7 +243,8 @@ async fn app_only_with_a_certificate_in_pem_and_in_pkcs12() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_authorization_code_with_pkce_then_refresh_rotation_survives_a_restart() {
-    let (bed, _) = delegated_bed("entra-delegated").await;
+    // No port in the redirect URI: the login listens on any free one and sends that.
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
     // Not signed in yet: a clear instruction, nothing registered.
     bed.dovecot
         .deliver(USER, "INBOX", &fixtures()[1].1)
@@ -238,11 +257,18 @@ async fn delegated_authorization_code_with_pkce_then_refresh_rotation_survives_a
         text(&out)
     );
 
-    let (status, stdout, stderr) = browser_login(&bed).await;
+    let (status, stdout, stderr, redirect_uri) = browser_login(&bed).await;
     assert!(status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains(&format!("Signed in as {USER}")),
         "{stdout}\n{stderr}"
+    );
+    let port = oauth2::url::Url::parse(&redirect_uri)
+        .ok()
+        .and_then(|u| u.port());
+    assert!(
+        port.is_some_and(|p| p != 0),
+        "the redirect URI sent names no port: {redirect_uri:?}"
     );
     let first = stored_refresh_token(&bed)
         .await
@@ -295,7 +321,7 @@ async fn delegated_authorization_code_with_pkce_then_refresh_rotation_survives_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_device_code_for_headless_servers() {
-    let (bed, _) = delegated_bed("entra-delegated").await;
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
     bed.idp.set_device_interval(0);
     let mut login = Interactive::spawn(&bed, &["auth", "login", "podatelna", "--device-code"]);
     let code = login.until(|l| {
@@ -313,9 +339,12 @@ async fn delegated_device_code_for_headless_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_oauth2_provider_with_oauthbearer() {
-    let (bed, _) = delegated_bed("oauth2").await;
-    let (status, stdout, stderr) = browser_login(&bed).await;
+    // A fixed port in the redirect URI: the login listens on exactly that one and sends it.
+    let fixed = format!("http://localhost:{}/", fixed_port());
+    let bed = delegated_bed("oauth2", &fixed).await;
+    let (status, stdout, stderr, redirect_uri) = browser_login(&bed).await;
     assert!(status.success(), "{stdout}\n{stderr}");
+    assert_eq!(redirect_uri, fixed);
     registers_one(&bed).await;
 }
 

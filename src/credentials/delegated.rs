@@ -172,17 +172,33 @@ impl Delegated {
         };
         let redirect = oauth2::url::Url::parse(&self.cfg.redirect_uri)
             .map_err(|e| fail(format!("redirect_uri: {e}")))?;
-        let port = redirect
-            .port_or_known_default()
-            .ok_or_else(|| fail("redirect_uri has no port".into()))?;
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.map_err(|e| {
-            fail(format!(
-                "cannot listen on 127.0.0.1:{port} for the redirect ({e}); is another login running, or is redirect_uri's port taken?"
-            ))
-        })?;
+        // A loopback redirect URI without a port means "any free port" (RFC 8252 section 7.3;
+        // Entra ignores the port of loopback redirect URIs): listen on one the system picks and
+        // send the URI with that port, in the authorization request and in the code exchange.
+        let fixed = redirect.port();
+        let listener = TcpListener::bind(("127.0.0.1", fixed.unwrap_or(0)))
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "cannot listen on 127.0.0.1:{} for the redirect ({e}); is another login running, or is redirect_uri's port taken? (a redirect_uri without a port takes any free one)",
+                    fixed.unwrap_or(0)
+                ))
+            })?;
+        let mut redirect_uri = redirect;
+        if fixed.is_none() {
+            let port = listener
+                .local_addr()
+                .map_err(|e| fail(format!("the redirect listener has no address: {e}")))?
+                .port();
+            redirect_uri
+                .set_port(Some(port))
+                .map_err(|()| fail(format!("redirect_uri {redirect_uri} cannot take a port")))?;
+        }
+        let redirect_uri = RedirectUrl::from_url(redirect_uri);
         let mut request = self
             .client
             .authorize_url(CsrfToken::new_random)
+            .set_redirect_uri(std::borrow::Cow::Borrowed(&redirect_uri))
             .add_scopes(self.scopes())
             .add_extra_param("login_hint", mailbox);
         let verifier = if self.cfg.pkce {
@@ -199,11 +215,14 @@ impl Delegated {
             .map_err(|_| {
                 fail(format!(
                     "no sign-in arrived at {} within {} minutes",
-                    self.cfg.redirect_uri,
+                    redirect_uri.as_str(),
                     LOGIN_WAIT.as_secs() / 60
                 ))
             })??;
-        let mut exchange = self.client.exchange_code(AuthorizationCode::new(code));
+        let mut exchange = self
+            .client
+            .exchange_code(AuthorizationCode::new(code))
+            .set_redirect_uri(std::borrow::Cow::Borrowed(&redirect_uri));
         if let Some(verifier) = verifier {
             exchange = exchange.set_pkce_verifier(verifier);
         }
