@@ -153,6 +153,42 @@ pub(super) fn placeholders(backend: Backend, first: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// One folder's UIDs (mailbox, folder, UIDVALIDITY), as the batch statements address them.
+pub(super) struct FolderUids<'a> {
+    pub mailbox_id: &'a str,
+    pub folder: &'a str,
+    pub uidvalidity: i64,
+}
+
+impl<'a> FolderUids<'a> {
+    /// `{head} WHERE mailbox_id = … AND folder = … AND uidvalidity = … {and} AND uid IN (…)`
+    /// with one placeholder per UID of `chunk`, all bound. `head` and `and` are constant text:
+    /// only placeholders are added to them, so no value reaches the SQL.
+    pub(super) fn query(
+        &self,
+        backend: Backend,
+        head: &str,
+        and: &str,
+        chunk: &[i64],
+    ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
+        let sql = format!(
+            "{head} WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} {and} AND uid IN ({})",
+            param(backend, 1),
+            param(backend, 2),
+            param(backend, 3),
+            placeholders(backend, 4, chunk.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(self.mailbox_id)
+            .bind(self.folder)
+            .bind(self.uidvalidity);
+        for uid in chunk {
+            query = query.bind(*uid);
+        }
+        query
+    }
+}
+
 /// What becomes of one record of the batch.
 enum Plan {
     /// This location was recorded before: nothing to write.
@@ -189,23 +225,19 @@ impl Registry {
 
         // Locations recorded before (a retry after a crash between commit and ack).
         let mut known: HashMap<i64, i64> = HashMap::new();
+        let here = FolderUids {
+            mailbox_id: owner,
+            folder,
+            uidvalidity,
+        };
         for chunk in uids.chunks(MAX_PARAMS / 2) {
-            let sql = format!(
-                "SELECT uid, message_id FROM message_locations \
-                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND uid IN ({})",
-                param(b, 1),
-                param(b, 2),
-                param(b, 3),
-                placeholders(b, 4, chunk.len())
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(owner)
-                .bind(folder)
-                .bind(uidvalidity);
-            for uid in chunk {
-                query = query.bind(*uid);
-            }
-            for row in query
+            for row in here
+                .query(
+                    b,
+                    "SELECT uid, message_id FROM message_locations",
+                    "",
+                    chunk,
+                )
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(RegistryError::db("look up locations"))?
@@ -488,22 +520,7 @@ impl Registry {
         .await?;
         append_events(tx, b, event_rows).await?;
         for chunk in written_uids.chunks(MAX_PARAMS / 2) {
-            let sql = format!(
-                "DELETE FROM processing_attempts \
-                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND uid IN ({})",
-                param(b, 1),
-                param(b, 2),
-                param(b, 3),
-                placeholders(b, 4, chunk.len())
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(owner)
-                .bind(folder)
-                .bind(uidvalidity);
-            for uid in chunk {
-                query = query.bind(*uid);
-            }
-            query
+            here.query(b, "DELETE FROM processing_attempts", "", chunk)
                 .execute(&mut **tx)
                 .await
                 .map_err(RegistryError::db("clear processing attempts"))?;

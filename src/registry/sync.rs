@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use sqlx::Row;
 
-use super::batch::{V, insert_rows, param, placeholders};
+use super::batch::{FolderUids, V, insert_rows};
 use super::records::insert_event;
 use super::{Location, MailboxState, Registry, RegistryError, UidValidityCheck, clean, now};
 
@@ -217,25 +217,21 @@ impl Registry {
         uids: &[u32],
     ) -> Result<bool, RegistryError> {
         let b = self.backend;
+        let here = FolderUids {
+            mailbox_id,
+            folder,
+            uidvalidity: i64::from(uidvalidity),
+        };
+        let uids: Vec<i64> = uids.iter().map(|u| i64::from(*u)).collect();
         let mut tx = self.begin_write().await?;
         for chunk in uids.chunks(ATTEMPT_CHUNK) {
-            let sql = format!(
-                "SELECT COUNT(*) FROM processing_attempts \
-                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND attempts > 0 AND uid IN ({})",
-                param(b, 1),
-                param(b, 2),
-                param(b, 3),
-                placeholders(b, 4, chunk.len())
-            );
-            // Only placeholders were added to the constant text: no value reaches the SQL.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(mailbox_id)
-                .bind(folder)
-                .bind(i64::from(uidvalidity));
-            for uid in chunk {
-                query = query.bind(i64::from(*uid));
-            }
-            let tried: i64 = query
+            let tried: i64 = here
+                .query(
+                    b,
+                    "SELECT COUNT(*) FROM processing_attempts",
+                    "AND attempts > 0",
+                    chunk,
+                )
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(RegistryError::db("look up processing attempts"))?
@@ -255,7 +251,7 @@ impl Registry {
                     V::T(Some(mailbox_id.to_owned())),
                     V::T(Some(folder.to_owned())),
                     V::I(Some(i64::from(uidvalidity))),
-                    V::I(Some(i64::from(*uid))),
+                    V::I(Some(*uid)),
                     V::I(Some(1)),
                     V::T(Some(at.clone())),
                 ]
@@ -287,28 +283,22 @@ impl Registry {
         uidvalidity: u32,
         uids: &[u32],
     ) -> Result<(), RegistryError> {
-        let b = self.backend;
+        let here = FolderUids {
+            mailbox_id,
+            folder,
+            uidvalidity: i64::from(uidvalidity),
+        };
+        let uids: Vec<i64> = uids.iter().map(|u| i64::from(*u)).collect();
         for chunk in uids.chunks(ATTEMPT_CHUNK) {
-            let sql = format!(
-                "UPDATE processing_attempts SET attempts = attempts - 1 \
-                 WHERE mailbox_id = {} AND folder = {} AND uidvalidity = {} AND attempts > 0 AND uid IN ({})",
-                param(b, 1),
-                param(b, 2),
-                param(b, 3),
-                placeholders(b, 4, chunk.len())
-            );
-            // Only placeholders were added to the constant text: no value reaches the SQL.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(mailbox_id)
-                .bind(folder)
-                .bind(i64::from(uidvalidity));
-            for uid in chunk {
-                query = query.bind(i64::from(*uid));
-            }
-            query
-                .execute(&self.pool)
-                .await
-                .map_err(RegistryError::db("take back processing attempts"))?;
+            here.query(
+                self.backend,
+                "UPDATE processing_attempts SET attempts = attempts - 1",
+                "AND attempts > 0",
+                chunk,
+            )
+            .execute(&self.pool)
+            .await
+            .map_err(RegistryError::db("take back processing attempts"))?;
         }
         Ok(())
     }
