@@ -142,19 +142,41 @@ fn parse_reason(e: &ParseError) -> &'static str {
 }
 
 /// A message's raw bytes, owned by whatever received them (a `Vec`, or the IMAP response they
-/// arrived in: no copy is made on the way to the store and the parser).
-pub struct RawMessage(Box<dyn AsRef<[u8]> + Send + Sync>);
+/// arrived in: no copy is made on the way to the store and the parser), and their SHA-256 if it
+/// was taken on the way.
+pub struct RawMessage {
+    bytes: Box<dyn AsRef<[u8]> + Send + Sync>,
+    sha256: Option<Sha256Digest>,
+}
 
 impl RawMessage {
     pub fn new(bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> RawMessage {
-        RawMessage(Box::new(bytes))
+        RawMessage {
+            bytes: Box::new(bytes),
+            sha256: None,
+        }
+    }
+
+    /// Takes the SHA-256 now, on the caller's thread: the receiving side hashes a batch while
+    /// the previous one is being prepared, so the preparation does not have to.
+    pub fn hashed(bytes: impl AsRef<[u8]> + Send + Sync + 'static) -> RawMessage {
+        let sha256 = Sha256Digest::of(bytes.as_ref());
+        RawMessage {
+            bytes: Box::new(bytes),
+            sha256: Some(sha256),
+        }
+    }
+
+    /// The SHA-256 of the bytes: the one taken on receipt, or computed now.
+    pub fn sha256(&self) -> Sha256Digest {
+        self.sha256.unwrap_or_else(|| Sha256Digest::of(self))
     }
 }
 
 impl std::ops::Deref for RawMessage {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        (*self.0).as_ref()
+        (*self.bytes).as_ref()
     }
 }
 
@@ -314,11 +336,11 @@ pub async fn prepare_staged(
 /// with attachments going to the blob sink as the parser finds them, without copies.
 fn prepare_blocking(
     sink: &mut BlobSink<'_>,
-    raw: &[u8],
+    raw: &RawMessage,
     limits: Limits,
     poison: Option<String>,
 ) -> Result<(Sha256Digest, String, Prepared), StoreError> {
-    let digest = Sha256Digest::of(raw);
+    let digest = raw.sha256();
     sink.put(raw, digest)?;
     let stored_at = now();
     let examined = examine(sink, raw, &digest, limits, poison)?;

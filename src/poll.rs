@@ -302,8 +302,14 @@ async fn poll_session(
 /// A fetched batch on its way from the fetcher to the processor.
 struct FetchedBatch {
     asked: Vec<u32>,
-    fetched: Vec<crate::imap::Fetched>,
+    fetched: Vec<Received>,
     fetched_at: String,
+}
+
+/// One fetched message: its UID and its raw bytes, already hashed by the fetcher.
+struct Received {
+    uid: u32,
+    raw: RawMessage,
 }
 
 /// "Perform the pending acknowledgements now and tell me how it went."
@@ -343,12 +349,35 @@ async fn fetch_batches(
         };
         let started = std::time::Instant::now();
         let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
+        let bytes = fetched.iter().map(|f| f.raw().len()).sum::<usize>();
+        let received = std::time::Instant::now();
+        // Hashed here, on a blocking thread, while the processor prepares the previous batch:
+        // off the preparation's path, which is the slower one for large mail.
+        let fetched = tokio::task::spawn_blocking(move || {
+            fetched
+                .into_iter()
+                .map(|f| Received {
+                    uid: f.uid,
+                    raw: RawMessage::hashed(f),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|join| PollError::Ingest {
+            mailbox: p.mb.id.clone(),
+            source: IngestError::Failed {
+                attempt: 0,
+                max: p.ctx.pipeline.limits.max_attempts,
+                detail: format!("internal error: {join}"),
+            },
+        })?;
         tracing::debug!(
             mailbox = %p.mb.id,
             messages = fetched.len(),
-            bytes = fetched.iter().map(|f| f.raw().len()).sum::<usize>(),
+            bytes,
             waited_ms = (started - waited).as_secs_f64() * 1e3,
-            fetch_ms = started.elapsed().as_secs_f64() * 1e3,
+            fetch_ms = (received - started).as_secs_f64() * 1e3,
+            hash_ms = received.elapsed().as_secs_f64() * 1e3,
             "batch fetched"
         );
         let batch = FetchedBatch {
@@ -523,9 +552,9 @@ impl Batch<'_, '_> {
     /// or a few of them starve the pool.
     fn prepared_in_order<T: Send + 'static, F>(
         &self,
-        fetched: Vec<crate::imap::Fetched>,
+        fetched: Vec<Received>,
         start: F,
-    ) -> InOrder<T, impl FnMut(crate::imap::Fetched) -> Spawned<T>>
+    ) -> InOrder<T, impl FnMut(Received) -> Spawned<T>>
     where
         F: Fn(Pipeline, RawMessage, Source) -> tokio::task::JoinHandle<Result<T, IngestError>>,
     {
@@ -534,10 +563,10 @@ impl Batch<'_, '_> {
             .iter()
             .map(|f| (f.uid, self.source(f.uid)))
             .collect();
-        let spawn = move |msg: crate::imap::Fetched| {
+        let spawn = move |msg: Received| {
             let uid = msg.uid;
             let source = sources[&uid].clone();
-            let handle = start(pipeline.clone(), RawMessage::new(msg), source.clone());
+            let handle = start(pipeline.clone(), msg.raw, source.clone());
             (uid, source, handle)
         };
         InOrder::new(fetched, self.p.ctx.config.imap.parallel_messages, spawn)
@@ -546,7 +575,7 @@ impl Batch<'_, '_> {
     /// One registry transaction per message, in UID order (the default).
     async fn commit_each(
         &self,
-        fetched: Vec<crate::imap::Fetched>,
+        fetched: Vec<Received>,
         outcomes: &mut Outcomes<'_>,
         cancel: &CancellationToken,
     ) -> Result<(), IngestError> {
@@ -580,7 +609,7 @@ impl Batch<'_, '_> {
     /// that fails alone is noted and left out; a store error (disk full) is returned.
     async fn stage(
         &self,
-        fetched: Vec<crate::imap::Fetched>,
+        fetched: Vec<Received>,
         outcomes: &mut Outcomes<'_>,
     ) -> Result<StagedBatch, IngestError> {
         let pipeline = &self.p.ctx.pipeline;
@@ -595,7 +624,7 @@ impl Batch<'_, '_> {
                 .take(per_chunk)
                 .map(|f| {
                     let source = self.source(f.uid);
-                    (RawMessage::new(f), source)
+                    (f.raw, source)
                 })
                 .collect();
             let pipeline = pipeline.clone();
@@ -962,14 +991,14 @@ type Spawned<T> = (u32, Source, tokio::task::JoinHandle<Result<T, IngestError>>)
 /// previous one, so a worker killed while committing message k is not held against message
 /// k+1 as well.
 struct InOrder<T, S> {
-    waiting: std::vec::IntoIter<crate::imap::Fetched>,
+    waiting: std::vec::IntoIter<Received>,
     in_flight: std::collections::VecDeque<Spawned<T>>,
     parallel: usize,
     spawn: S,
 }
 
-impl<T, S: FnMut(crate::imap::Fetched) -> Spawned<T>> InOrder<T, S> {
-    fn new(fetched: Vec<crate::imap::Fetched>, parallel: usize, spawn: S) -> Self {
+impl<T, S: FnMut(Received) -> Spawned<T>> InOrder<T, S> {
+    fn new(fetched: Vec<Received>, parallel: usize, spawn: S) -> Self {
         InOrder {
             waiting: fetched.into_iter(),
             in_flight: std::collections::VecDeque::new(),
