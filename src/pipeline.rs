@@ -341,11 +341,43 @@ fn prepare_blocking(
     poison: Option<String>,
 ) -> Result<(Sha256Digest, String, Prepared), StoreError> {
     let digest = raw.sha256();
-    sink.put(raw, digest)?;
+    if raw.len() < OVERLAP_BYTES {
+        sink.put(raw, digest)?;
+        let stored_at = now();
+        let examined = examine(sink, raw, &digest, limits, poison)?;
+        return Ok((digest, stored_at, examined));
+    }
+    // Large: the raw blob is written on a second thread while the parse runs on this one. The
+    // record still needs both (the caller commits nothing before this returns); if the write
+    // fails, what the parse stored is never referred to (staged: removed; durable: `gc`).
+    let store = sink.store;
+    let staged = sink.staged.is_some();
+    let (written, examined) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<Option<Staged>, StoreError> {
+            if staged {
+                let mut own = store.staging()?;
+                store.stage(raw, digest, &mut own)?;
+                Ok(Some(own))
+            } else {
+                store.put_with_digest(raw, digest).map(|()| None)
+            }
+        });
+        let examined = examine(sink, raw, &digest, limits, poison);
+        (writer.join(), examined)
+    });
+    let own = match written {
+        Ok(result) => result?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    if let (Some(own), Some(batch)) = (own, sink.staged.as_deref_mut()) {
+        batch.absorb(own);
+    }
     let stored_at = now();
-    let examined = examine(sink, raw, &digest, limits, poison)?;
-    Ok((digest, stored_at, examined))
+    Ok((digest, stored_at, examined?))
 }
+
+/// Messages at least this large have their raw blob written beside the parse, not before it.
+const OVERLAP_BYTES: usize = 1024 * 1024;
 
 /// Poison and size checks, then the parse, attachments going to `sink` as they are found.
 fn examine(
