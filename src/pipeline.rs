@@ -78,6 +78,15 @@ impl IngestError {
     pub fn is_message_specific(&self) -> bool {
         matches!(self, IngestError::Failed { .. })
     }
+
+    /// A task that panicked or was cancelled, as a failure of this `attempt`.
+    pub fn internal(attempt: u32, max: u32, join: &tokio::task::JoinError) -> IngestError {
+        IngestError::Failed {
+            attempt,
+            max,
+            detail: format!("internal error: {join}"),
+        }
+    }
 }
 
 enum Prepared {
@@ -313,13 +322,7 @@ pub async fn prepare_staged(
     let (prepared, staged) = match job.await {
         Ok(Ok(done)) => done,
         Ok(Err(store_error)) => return Err(store_error.into()),
-        Err(join) => {
-            return Err(IngestError::Failed {
-                attempt: 1,
-                max: p.limits.max_attempts,
-                detail: format!("internal error: {join}"),
-            });
-        }
+        Err(join) => return Err(IngestError::internal(1, p.limits.max_attempts, &join)),
     };
     let mut out = Vec::with_capacity(prepared.len());
     for (source, result) in prepared {
@@ -354,13 +357,14 @@ fn prepare_blocking(
     let staged = sink.staged.is_some();
     let (written, examined) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<Option<Staged>, StoreError> {
-            if staged {
-                let mut own = store.staging()?;
-                store.stage(raw, digest, &mut own)?;
-                Ok(Some(own))
-            } else {
-                store.put_with_digest(raw, digest).map(|()| None)
+            // Staged into a set of its own, which the batch's takes over below.
+            let mut own = staged.then(|| store.staging()).transpose()?;
+            BlobSink {
+                store,
+                staged: own.as_mut(),
             }
+            .put(raw, digest)?;
+            Ok(own)
         });
         let examined = examine(sink, raw, &digest, limits, poison);
         (writer.join(), examined)

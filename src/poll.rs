@@ -365,11 +365,7 @@ async fn fetch_batches(
         .await
         .map_err(|join| PollError::Ingest {
             mailbox: p.mb.id.clone(),
-            source: IngestError::Failed {
-                attempt: 0,
-                max: p.ctx.pipeline.limits.max_attempts,
-                detail: format!("internal error: {join}"),
-            },
+            source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
         })?;
         tracing::debug!(
             mailbox = %p.mb.id,
@@ -637,11 +633,11 @@ impl Batch<'_, '_> {
             let (prepared, blobs) = match (&mut chunk.0).await {
                 Ok(result) => result?,
                 Err(join) => {
-                    return Err(IngestError::Failed {
-                        attempt: 1,
-                        max: pipeline.limits.max_attempts,
-                        detail: format!("internal error: {join}"),
-                    });
+                    return Err(IngestError::internal(
+                        1,
+                        pipeline.limits.max_attempts,
+                        &join,
+                    ));
                 }
             };
             staged.absorb(blobs);
@@ -706,11 +702,11 @@ fn spawn_commit(pipeline: Pipeline, batch: PublishingBatch) -> AbortOnDrop<Commi
         let started = std::time::Instant::now();
         let published = match publishing.await {
             Ok(result) => result.map_err(IngestError::from),
-            Err(join) => Err(IngestError::Failed {
-                attempt: 1,
-                max: pipeline.limits.max_attempts,
-                detail: format!("internal error: {join}"),
-            }),
+            Err(join) => Err(IngestError::internal(
+                1,
+                pipeline.limits.max_attempts,
+                &join,
+            )),
         };
         if let Err(e) = published {
             done.stopped = Some(e);
@@ -896,11 +892,11 @@ async fn finish(
         Err(join) => Committed {
             uids: Vec::new(),
             results: Vec::new(),
-            stopped: Some(IngestError::Failed {
-                attempt: 1,
-                max: p.ctx.pipeline.limits.max_attempts,
-                detail: format!("internal error: {join}"),
-            }),
+            stopped: Some(IngestError::internal(
+                1,
+                p.ctx.pipeline.limits.max_attempts,
+                &join,
+            )),
         },
     };
     let mut outcomes = Outcomes {
@@ -1017,11 +1013,11 @@ impl<T, S: FnMut(Received) -> Spawned<T>> InOrder<T, S> {
         let (uid, source, handle) = self.in_flight.pop_front()?;
         let result = match handle.await {
             Ok(result) => result,
-            Err(join) => Err(IngestError::Failed {
-                attempt: 0,
-                max: pipeline.limits.max_attempts,
-                detail: format!("internal error: {join}"),
-            }),
+            Err(join) => Err(IngestError::internal(
+                0,
+                pipeline.limits.max_attempts,
+                &join,
+            )),
         };
         Some((uid, source, result))
     }

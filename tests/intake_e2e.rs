@@ -929,7 +929,7 @@ async fn assert_no_lost_blobs(bed: &Bed) {
     }
 }
 
-/// A message of about `size` bytes whose PDF attachment is `payload`, base64 in 76-char lines.
+/// Submission `i` with `payload` as its PDF attachment, base64 in 76-char lines.
 fn with_attachment(i: usize, payload: &[u8]) -> Vec<u8> {
     use base64::Engine as _;
     let encoded = base64::engine::general_purpose::STANDARD.encode(payload);
