@@ -83,8 +83,55 @@ impl RawStore {
                 source,
             })?;
         }
+        store.create_fan_out()?;
         store.remove_abandoned_temp_files();
         Ok(store)
+    }
+
+    /// Creates the 256 fan-out directories (`blobs/sha256/00` … `ff`) that are missing, and makes
+    /// their entries durable, once at open: storing a blob is then one rename, without a
+    /// directory check per blob (measured: a `statx` and a `mkdir` attempt per blob, 4% of a
+    /// helpdesk run's CPU).
+    fn create_fan_out(&self) -> Result<(), StoreError> {
+        let root = self.blobs_dir();
+        let mut created = false;
+        for byte in 0..=255u8 {
+            let dir = root.join(hex::encode([byte]));
+            match fs::create_dir(&dir) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StoreError {
+                        action: "create directory",
+                        path: dir,
+                        source,
+                    });
+                }
+            }
+        }
+        if created {
+            sync_dir(&root).map_err(|source| StoreError {
+                action: "fsync directory",
+                path: root,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Renames a written blob to its final name. Its fan-out directory exists since
+    /// [`RawStore::open`]; if it was removed meanwhile, it is created again (durably) and the
+    /// rename repeated.
+    fn rename_into_place(&self, tmp: &Path, dest: &Path) -> io::Result<()> {
+        match fs::rename(tmp, dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tmp.exists() => {
+                let dir = dest.parent().unwrap_or(dest);
+                fs::create_dir_all(dir)?;
+                sync_dir(&self.blobs_dir())?;
+                fs::rename(tmp, dest)
+            }
+            other => other,
+        }
     }
 
     fn blobs_dir(&self) -> PathBuf {
@@ -117,11 +164,6 @@ impl RawStore {
             return Ok(());
         }
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-        fs::create_dir_all(&dir).map_err(|source| StoreError {
-            action: "create directory",
-            path: dir.clone(),
-            source,
-        })?;
         let tmp = self.tmp_path(&digest);
         let written = (|| -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -136,7 +178,7 @@ impl RawStore {
                 source,
             });
         }
-        if let Err(source) = fs::rename(&tmp, &dest) {
+        if let Err(source) = self.rename_into_place(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError {
                 action: "rename into place",
@@ -221,8 +263,7 @@ impl RawStore {
         let mut dirs = Vec::new();
         while let Some((tmp, dest)) = staged.files.pop() {
             let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-            let moved = fs::create_dir_all(&dir).and_then(|()| fs::rename(&tmp, &dest));
-            if let Err(source) = moved {
+            if let Err(source) = self.rename_into_place(&tmp, &dest) {
                 let _ = fs::remove_file(&tmp);
                 return Err(StoreError {
                     action: "rename into place",
@@ -539,6 +580,39 @@ mod tests {
         drop(dropped);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert!(!store.path_of(&Sha256Digest::of(c)).exists());
+    }
+
+    #[test]
+    fn fan_out_directories_exist_from_open_and_come_back_if_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let fans = fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(fans, 256);
+        // An operator removed two fan-out directories while the store was open: storing into
+        // them still works, durably or staged.
+        let (a, b) = (
+            b"into a removed fan".as_slice(),
+            b"staged into one".as_slice(),
+        );
+        let (da, db) = (Sha256Digest::of(a), Sha256Digest::of(b));
+        for d in [da, db] {
+            fs::remove_dir(store.path_of(&d).parent().unwrap()).unwrap();
+        }
+        store.put_with_digest(a, da).unwrap();
+        assert_eq!(store.get(&da).unwrap(), a);
+        let mut staged = store.staging().unwrap();
+        store.stage(b, db, &mut staged).unwrap();
+        store.publish(staged).unwrap();
+        assert_eq!(store.get(&db).unwrap(), b);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Reopening finds them all again.
+        drop(RawStore::open(dir.path()).unwrap());
+        let fans = fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(fans, 256);
     }
 
     #[test]
