@@ -12,6 +12,9 @@ pub mod message;
 pub mod mime;
 pub mod preview;
 
+// mailintake patch (see PATCHED.md): Clone, `rest` and `position_state` for the bulk base64
+// decoder and its differential check.
+#[derive(Clone)]
 pub struct MessageStream<'x> {
     data: &'x [u8],
     iter: Peekable<Iter<'x, u8>>,
@@ -37,6 +40,18 @@ impl<'x> MessageStream<'x> {
     #[inline(always)]
     pub fn offset(&self) -> usize {
         std::cmp::min(self.pos, self.data.len())
+    }
+
+    /// The bytes not yet consumed (mailintake patch).
+    #[inline(always)]
+    pub(crate) fn rest(&self) -> &'x [u8] {
+        self.data.get(self.offset()..).unwrap_or_default()
+    }
+
+    /// Position, restore point and bytes left in the iterator (mailintake patch: compared by
+    /// the differential check of `decode_base64_mime`).
+    pub(crate) fn position_state(&self) -> (usize, usize, usize) {
+        (self.pos, self.restore_pos, self.iter.len())
     }
 
     #[inline(always)]
