@@ -299,14 +299,31 @@ async fn poll_session(
     Ok(report)
 }
 
-/// A fetched batch on its way from the fetcher to the processor.
+/// A fetched batch on its way from the fetcher to the processor. Its messages are being hashed
+/// on a blocking thread meanwhile: off the fetcher's path, which is the longer one once the
+/// fetch itself is most of it, and beside the processor's attempt transaction.
 struct FetchedBatch {
     asked: Vec<u32>,
-    fetched: Vec<Received>,
+    /// The UIDs the server returned, in order.
+    uids: Vec<u32>,
+    hashing: tokio::task::JoinHandle<Vec<Received>>,
     fetched_at: String,
 }
 
-/// One fetched message: its UID and its raw bytes, already hashed by the fetcher.
+impl FetchedBatch {
+    /// The batch's messages, once hashed.
+    async fn hashed(
+        hashing: tokio::task::JoinHandle<Vec<Received>>,
+        p: &Poller<'_>,
+    ) -> Result<Vec<Received>, PollError> {
+        hashing.await.map_err(|join| PollError::Ingest {
+            mailbox: p.mb.id.clone(),
+            source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
+        })
+    }
+}
+
+/// One fetched message: its UID and its raw bytes, hashed.
 struct Received {
     uid: u32,
     raw: RawMessage,
@@ -351,34 +368,34 @@ async fn fetch_batches(
         let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
         let bytes = fetched.iter().map(|f| f.raw().len()).sum::<usize>();
         let received = std::time::Instant::now();
-        // Hashed here, on a blocking thread, while the processor prepares the previous batch:
-        // off the preparation's path, which is the slower one for large mail.
-        let fetched = tokio::task::spawn_blocking(move || {
-            fetched
-                .into_iter()
-                .map(|f| Received {
-                    uid: f.uid,
-                    raw: RawMessage::hashed(f),
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|join| PollError::Ingest {
-            mailbox: p.mb.id.clone(),
-            source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
-        })?;
         tracing::debug!(
             mailbox = %p.mb.id,
             messages = fetched.len(),
             bytes,
             waited_ms = (started - waited).as_secs_f64() * 1e3,
             fetch_ms = (received - started).as_secs_f64() * 1e3,
-            hash_ms = received.elapsed().as_secs_f64() * 1e3,
             "batch fetched"
         );
+        let uids = fetched.iter().map(|f| f.uid).collect();
+        let hashing = tokio::task::spawn_blocking(move || {
+            let hashed = fetched
+                .into_iter()
+                .map(|f| Received {
+                    uid: f.uid,
+                    raw: RawMessage::hashed(f),
+                })
+                .collect::<Vec<_>>();
+            tracing::debug!(
+                messages = hashed.len(),
+                hash_ms = received.elapsed().as_secs_f64() * 1e3,
+                "batch hashed"
+            );
+            hashed
+        });
         let batch = FetchedBatch {
             asked,
-            fetched,
+            uids,
+            hashing,
             fetched_at: crate::registry::now(),
         };
         permit.send(batch);
@@ -429,7 +446,7 @@ async fn process_batches(
     let mb = p.mb;
     while let Some(batch) = batches.recv().await {
         failpoint::hit("after-fetch");
-        let got: HashSet<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+        let got: HashSet<u32> = batch.uids.iter().copied().collect();
         for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
             tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
             report.vanished.push(*uid);
@@ -438,15 +455,16 @@ async fn process_batches(
             p,
             uidvalidity,
             fetched_at: batch.fetched_at,
-            middle: batch.fetched.len() / 2,
+            middle: batch.uids.len() / 2,
             size: batch.asked.len(),
         };
+        let fetched = FetchedBatch::hashed(batch.hashing, p).await?;
         let mut outcomes = Outcomes {
             mb,
             report: &mut *report,
             registered: &mut *registered,
         };
-        let result = work.commit_each(batch.fetched, &mut outcomes, cancel).await;
+        let result = work.commit_each(fetched, &mut outcomes, cancel).await;
         if let Err(e) = result {
             // The run stops (disk full, database gone). What did commit is still
             // acknowledged if the server and database let us; if not, next run.
@@ -766,7 +784,7 @@ async fn process_batches_pipelined(
     let result = async {
         while let Some(batch) = batches.recv().await {
             failpoint::hit("after-fetch");
-            let got: HashSet<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+            let got: HashSet<u32> = batch.uids.iter().copied().collect();
             for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
                 tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
                 report.vanished.push(*uid);
@@ -775,10 +793,10 @@ async fn process_batches_pipelined(
                 p,
                 uidvalidity,
                 fetched_at: batch.fetched_at,
-                middle: batch.fetched.len() / 2,
+                middle: batch.uids.len() / 2,
                 size: batch.asked.len(),
             };
-            let uids: Vec<u32> = batch.fetched.iter().map(|f| f.uid).collect();
+            let uids = batch.uids;
             let started = std::time::Instant::now();
             // One transaction for the batch, unless one of its messages was attempted before:
             // then each goes alone, so that only a message at fault is held against itself.
@@ -789,6 +807,18 @@ async fn process_batches_pipelined(
                     .begin_batch_attempts(&mb.id, &mb.folder, uidvalidity, &uids)
                     .await
                     .map_err(p.reg())?;
+            // The attempt transaction ran while the batch was being hashed.
+            let attempted = std::time::Instant::now();
+            let fetched = match FetchedBatch::hashed(batch.hashing, p).await {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    // Not the messages' fault: take back what was counted against them.
+                    if grouped {
+                        forget_attempts(p, uidvalidity, &uids, registered).await;
+                    }
+                    return Err(e);
+                }
+            };
             if !grouped {
                 finish(p, uidvalidity, committing.take(), report, registered).await?;
                 let mut outcomes = Outcomes {
@@ -796,7 +826,7 @@ async fn process_batches_pipelined(
                     report: &mut *report,
                     registered: &mut *registered,
                 };
-                work.commit_each(batch.fetched, &mut outcomes, cancel)
+                work.commit_each(fetched, &mut outcomes, cancel)
                     .await
                     .map_err(|source| PollError::Ingest {
                         mailbox: mb.id.clone(),
@@ -815,7 +845,7 @@ async fn process_batches_pipelined(
             };
             let counted = std::time::Instant::now();
             let staged = work
-                .stage(batch.fetched, &mut outcomes)
+                .stage(fetched, &mut outcomes)
                 .await
                 .map(|staged| spawn_publish(&p.ctx.pipeline, staged));
             let prepared = std::time::Instant::now();
@@ -824,7 +854,8 @@ async fn process_batches_pipelined(
             tracing::debug!(
                 mailbox = %mb.id,
                 messages = uids.len(),
-                attempts_ms = (counted - started).as_secs_f64() * 1e3,
+                attempts_ms = (attempted - started).as_secs_f64() * 1e3,
+                hash_wait_ms = (counted - attempted).as_secs_f64() * 1e3,
                 stage_ms = (prepared - counted).as_secs_f64() * 1e3,
                 previous_commit_wait_ms = prepared.elapsed().as_secs_f64() * 1e3,
                 "batch prepared"
