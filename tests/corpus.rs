@@ -31,28 +31,7 @@ async fn every_corpus_message_goes_through_ingest_one() {
         limits: Limits::default(),
     };
 
-    let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut mbox_files = 0;
-    for line in index.lines().skip(1) {
-        let cols: Vec<&str> = line.split('\t').collect();
-        let [repo, kind, path, _bytes] = cols[..] else {
-            panic!("bad INDEX.tsv line {line:?}");
-        };
-        let file = corpus.join(repo).join(path);
-        match kind {
-            "message" => inputs.push((format!("{repo}/{path}"), std::fs::read(&file).unwrap())),
-            "mbox" => {
-                mbox_files += 1;
-                let f = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
-                for (i, m) in mail_parser::mailbox::mbox::MessageIterator::new(f).enumerate() {
-                    let m = m
-                        .unwrap_or_else(|e| panic!("{}: mbox split failed: {e:?}", file.display()));
-                    inputs.push((format!("{repo}/{path}#{i}"), m.unwrap_contents()));
-                }
-            }
-            _ => {}
-        }
-    }
+    let (inputs, mbox_files) = common::corpus_inputs(&corpus);
     let messages = index
         .lines()
         .filter(|l| l.split('\t').nth(1) == Some("message"))

@@ -63,6 +63,16 @@ fn multipart(parts: &[(&str, &[u8])], eol: &str) -> Vec<u8> {
     m
 }
 
+/// A message whose one body part is base64 at the top level: no boundary to look for.
+fn single_part(body: &[u8]) -> Vec<u8> {
+    [
+        b"Subject: s\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            .as_slice(),
+        body,
+    ]
+    .concat()
+}
+
 fn wrapped(encoded: &str, width: usize, eol: &str) -> Vec<u8> {
     let mut out = Vec::new();
     for line in encoded.as_bytes().chunks(width.max(1)) {
@@ -154,14 +164,7 @@ fn damaged_base64_gives_the_same_result_as_upstream() {
             Ok(attachments) if attachments.first() == Some(&payload) => intact += 1,
             _ => damaged += 1,
         }
-        // A single part that is base64 at the top level (no boundary to look for).
-        let single = [
-            b"Subject: s\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                .as_slice(),
-            &body,
-        ]
-        .concat();
-        let _ = parse_checked(&format!("round {round}, single part"), &single);
+        let _ = parse_checked(&format!("round {round}, single part"), &single_part(&body));
     }
     // The damage must reach both outcomes: payloads that still decode whole (noise the decoder
     // skips) and payloads that do not (cut short, invalid bytes, broken boundaries).
@@ -194,12 +197,7 @@ fn long_damaged_lines_do_not_make_decoding_quadratic() {
         ("width 75", wrapped(&one_line, 75, "\r\n")),
     ];
     for (name, body) in bodies {
-        let single = [
-            b"Subject: s\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                .as_slice(),
-            &body,
-        ]
-        .concat();
+        let single = single_part(&body);
         let started = std::time::Instant::now();
         parse_checked(name, &single).unwrap_or_else(|e| panic!("{name}: {e}"));
         let elapsed = started.elapsed();
@@ -222,30 +220,12 @@ fn shared_corpus_parses_the_same_as_upstream() {
     let Some(corpus) = common::shared_dir("mime_base64", "corpus") else {
         return;
     };
-    let index = std::fs::read_to_string(corpus.join("INDEX.tsv")).expect("corpus/INDEX.tsv");
+    let (inputs, _) = common::corpus_inputs(&corpus);
     let (mut parsed, mut upstream_panics) = (0, Vec::new());
-    for line in index.lines().skip(1) {
-        let cols: Vec<&str> = line.split('\t').collect();
-        let [repo, kind, path, ..] = cols[..] else {
-            panic!("bad INDEX.tsv line {line:?}");
-        };
-        let file = corpus.join(repo).join(path);
-        let mut inputs = Vec::new();
-        match kind {
-            "message" => inputs.push(std::fs::read(&file).expect("corpus file")),
-            "mbox" => {
-                let f = std::io::BufReader::new(std::fs::File::open(&file).expect("mbox file"));
-                for m in mail_parser::mailbox::mbox::MessageIterator::new(f).flatten() {
-                    inputs.push(m.unwrap_contents());
-                }
-            }
-            _ => continue,
-        }
-        for raw in inputs {
-            match parse_checked(&format!("{repo}/{path}"), &raw) {
-                Ok(_) => parsed += 1,
-                Err(e) => upstream_panics.push(format!("{repo}/{path}: {e}")),
-            }
+    for (name, raw) in &inputs {
+        match parse_checked(name, raw) {
+            Ok(_) => parsed += 1,
+            Err(e) => upstream_panics.push(format!("{name}: {e}")),
         }
     }
     eprintln!(

@@ -211,20 +211,14 @@ fn decode_whole_groups(groups: &[u8], out: &mut Vec<u8>) {
         .decode_vec(groups, out)
         .is_err()
     {
-        // Unreachable for whole groups of the alphabet; decoded the slow way regardless.
+        // Unreachable for whole groups of the alphabet; upstream's slice decoder regardless.
         out.truncate(len);
-        for group in groups.chunks_exact(4) {
-            let word = group.iter().fold(0u32, |word, &ch| {
-                (word << 6) | BASE64_DECODE[ch as usize] as u32
-            });
-            out.extend_from_slice(&word.to_be_bytes()[1..]);
-        }
+        out.extend(base64_decode(groups).unwrap_or_default());
     }
 }
 
 /// State of `decode_base64_mime`'s loop that the bulk step advances exactly as the byte loop
 /// would have.
-#[derive(Clone, Copy)]
 struct LineState {
     last_ch: u8,
     before_last_ch: u8,
