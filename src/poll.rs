@@ -226,14 +226,37 @@ async fn poll_session(
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
         let tuning = &p.ctx.config.imap;
-        let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
-        // The next batch is fetched while this one is processed; at most one waits in between,
-        // so memory stays bounded by two batches. Acknowledgements go through the fetcher (it
-        // owns the session) and are done before the next batch is handed over.
-        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let size_of: std::collections::HashMap<u32, u64> =
+            sizes.iter().map(|(u, s)| (*u, u64::from(*s))).collect();
+        let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes)
+            .into_iter()
+            .map(|uids| {
+                let bytes = uids
+                    .iter()
+                    .map(|u| size_of.get(u).copied().unwrap_or(0))
+                    .sum();
+                (uids, bytes)
+            })
+            .collect();
+        // The next batches are fetched while this one is processed. Memory is bounded by bytes:
+        // a batch is fetched only once its size fits in the budget beside the batches fetched
+        // and not yet prepared (this one included), and by count: at most two wait in between.
+        // Acknowledgements go through the fetcher (it owns the session) and are served while it
+        // waits.
+        let budget = FetchBudget::new(tuning.in_flight_max_bytes);
+        let (batch_tx, batch_rx) = mpsc::channel(2);
         let (ack_tx, ack_rx) = mpsc::channel(1);
         let uidvalidity = selected.uidvalidity;
-        let fetcher = fetch_batches(p, session, plan, batch_tx, ack_rx, uidvalidity, cancel);
+        let fetcher = fetch_batches(
+            p,
+            session,
+            plan,
+            &budget,
+            batch_tx,
+            ack_rx,
+            uidvalidity,
+            cancel,
+        );
         let processor = async {
             match p.ctx.config.commit {
                 CommitMode::PerMessage => {
@@ -308,6 +331,8 @@ struct FetchedBatch {
     uids: Vec<u32>,
     hashing: tokio::task::JoinHandle<Vec<Received>>,
     fetched_at: String,
+    /// Its share of the in-flight byte budget, given back once its raw bytes are dropped.
+    budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl FetchedBatch {
@@ -323,6 +348,41 @@ impl FetchedBatch {
     }
 }
 
+/// Bytes of fetched messages held at once: fetched or being fetched, waiting, or being
+/// prepared. A batch reserves its planned size (the servers' RFC822.SIZE) before it is fetched
+/// and gives it back once prepared; a batch bigger than the whole budget waits until it is
+/// alone. Counted in KiB, so that any budget fits the semaphore.
+struct FetchBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+}
+
+impl FetchBudget {
+    fn new(max_bytes: u64) -> Self {
+        let total_kib = u32::try_from(max_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        FetchBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// What a batch of `bytes` takes of the budget: at least 1 KiB, at most all of it.
+    fn share(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total_kib)
+    }
+
+    /// Waits until `bytes` fit beside what is held.
+    async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.kib)
+            .acquire_many_owned(self.share(bytes))
+            .await
+            // Never closed: the semaphore lives as long as the budget.
+            .unwrap_or_else(|_| unreachable!("the fetch budget is never closed"))
+    }
+}
+
 /// One fetched message: its UID and its raw bytes, hashed.
 struct Received {
     uid: u32,
@@ -332,37 +392,35 @@ struct Received {
 /// "Perform the pending acknowledgements now and tell me how it went."
 type AckRequest = oneshot::Sender<Result<usize, PollError>>;
 
+#[allow(clippy::too_many_arguments)]
 async fn fetch_batches(
     p: &Poller<'_>,
     session: &mut MailSession,
-    plan: Vec<Vec<u32>>,
+    plan: Vec<(Vec<u32>, u64)>,
+    budget: &FetchBudget,
     batches: mpsc::Sender<FetchedBatch>,
     mut acks: mpsc::Receiver<AckRequest>,
     uidvalidity: u32,
     cancel: &CancellationToken,
 ) -> Result<(), PollError> {
-    for asked in plan {
+    for (asked, planned_bytes) in plan {
         if cancel.is_cancelled() {
             break;
         }
-        // Take the hand-over slot before fetching, so that at most one batch is being
-        // processed while the next is fetched; serve acknowledgement requests meanwhile.
+        // Take the batch's share of the byte budget and a hand-over slot before fetching;
+        // serve acknowledgement requests meanwhile.
         let waited = std::time::Instant::now();
-        let permit = loop {
-            tokio::select! {
-                permit = batches.reserve() => match permit {
-                    Ok(permit) => break permit,
-                    Err(_) => return Ok(()), // the processor stopped; it reports why
-                },
-                request = acks.recv() => match request {
-                    Some(request) => {
-                        if !serve_ack(p, session, uidvalidity, request).await {
-                            return Ok(());
-                        }
-                    }
-                    None => return Ok(()),
-                },
-            }
+        let share = budget.reserve(planned_bytes);
+        let Some(share) = serving_acks(p, session, uidvalidity, &mut acks, async {
+            Some(share.await)
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let slot = async { batches.reserve().await.ok() };
+        let Some(permit) = serving_acks(p, session, uidvalidity, &mut acks, slot).await else {
+            return Ok(()); // the processor stopped; it reports why
         };
         let started = std::time::Instant::now();
         let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
@@ -397,6 +455,7 @@ async fn fetch_batches(
             uids,
             hashing,
             fetched_at: crate::registry::now(),
+            budget: share,
         };
         permit.send(batch);
     }
@@ -407,6 +466,30 @@ async fn fetch_batches(
         }
     }
     Ok(())
+}
+
+/// Waits for `ready` while serving the processor's acknowledgement requests. None when `ready`
+/// gave none, when the processor is gone, or when an acknowledgement failed (the processor
+/// receives that error): the fetcher stops.
+async fn serving_acks<T>(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    acks: &mut mpsc::Receiver<AckRequest>,
+    ready: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    tokio::pin!(ready);
+    loop {
+        tokio::select! {
+            got = &mut ready => return got,
+            request = acks.recv() => {
+                let request = request?;
+                if !serve_ack(p, session, uidvalidity, request).await {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// Drains the pending acknowledgements for a request; false if that failed (the processor
@@ -465,6 +548,7 @@ async fn process_batches(
             registered: &mut *registered,
         };
         let result = work.commit_each(fetched, &mut outcomes, cancel).await;
+        drop(batch.budget); // its raw bytes are gone
         if let Err(e) = result {
             // The run stops (disk full, database gone). What did commit is still
             // acknowledged if the server and database let us; if not, next run.
@@ -797,6 +881,7 @@ async fn process_batches_pipelined(
                 size: batch.asked.len(),
             };
             let uids = batch.uids;
+            let budget = batch.budget;
             let started = std::time::Instant::now();
             // One transaction for the batch, unless one of its messages was attempted before:
             // then each goes alone, so that only a message at fault is held against itself.
@@ -848,6 +933,7 @@ async fn process_batches_pipelined(
                 .stage(fetched, &mut outcomes)
                 .await
                 .map(|staged| spawn_publish(&p.ctx.pipeline, staged));
+            drop(budget); // its raw bytes are gone: staged on disk, parsed into rows
             let prepared = std::time::Instant::now();
             // The previous batch must have committed before this one is published.
             let previous = finish(p, uidvalidity, committing.take(), report, registered).await;
@@ -1212,7 +1298,37 @@ pub fn batches(sizes: &[(u32, u32)], max_messages: usize, max_bytes: u64) -> Vec
 
 #[cfg(test)]
 mod tests {
-    use super::batches;
+    use super::{FetchBudget, batches};
+    use futures::FutureExt;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[tokio::test]
+    async fn fetch_budget_holds_fetched_batches_to_its_bytes() {
+        let budget = FetchBudget::new(48 * MIB);
+        let first = budget.reserve(16 * MIB).await;
+        let second = budget.reserve(16 * MIB).await;
+        let third = budget.reserve(15 * MIB).await;
+        // 47 MiB held: a batch of 2 MiB does not fit, one of 1 MiB does.
+        assert!(budget.reserve(2 * MIB).now_or_never().is_none());
+        let small = budget.reserve(MIB).now_or_never();
+        assert!(small.is_some());
+        drop(small);
+        drop(first);
+        let fourth = budget.reserve(16 * MIB).now_or_never();
+        assert!(fourth.is_some());
+        // A message bigger than the whole budget waits until it is alone, then goes.
+        let mut huge = Box::pin(budget.reserve(100 * MIB));
+        assert!((&mut huge).now_or_never().is_none());
+        drop((second, third));
+        assert!((&mut huge).now_or_never().is_none());
+        drop(fourth);
+        let alone = huge.now_or_never();
+        assert!(alone.is_some());
+        assert!(budget.reserve(1).now_or_never().is_none());
+        drop(alone);
+        assert!(budget.reserve(48 * MIB).now_or_never().is_some());
+    }
 
     #[test]
     fn batches_respect_count_and_bytes() {
