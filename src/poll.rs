@@ -349,7 +349,7 @@ impl FetchedBatch {
 }
 
 /// Bytes of fetched messages held at once: fetched or being fetched, waiting, or being
-/// prepared. A batch reserves its planned size (the servers' RFC822.SIZE) before it is fetched
+/// prepared. A batch reserves its planned size (the server's RFC822.SIZE) before it is fetched
 /// and gives it back once prepared; a batch bigger than the whole budget waits until it is
 /// alone. Counted in KiB, so that any budget fits the semaphore.
 struct FetchBudget {
