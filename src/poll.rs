@@ -226,18 +226,7 @@ async fn poll_session(
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
         let tuning = &p.ctx.config.imap;
-        let size_of: std::collections::HashMap<u32, u64> =
-            sizes.iter().map(|(u, s)| (*u, u64::from(*s))).collect();
-        let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes)
-            .into_iter()
-            .map(|uids| {
-                let bytes = uids
-                    .iter()
-                    .map(|u| size_of.get(u).copied().unwrap_or(0))
-                    .sum();
-                (uids, bytes)
-            })
-            .collect();
+        let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
         // The next batches are fetched while this one is processed. Memory is bounded by bytes:
         // a batch is fetched only once its size fits in the budget beside the batches fetched
         // and not yet prepared (this one included), and by count: at most two wait in between.
@@ -1276,22 +1265,22 @@ async fn drain_acks(
 }
 
 /// Splits `(uid, size)` pairs into fetch batches bounded by count and by bytes (a message
-/// larger than the byte bound gets a batch of its own).
-pub fn batches(sizes: &[(u32, u32)], max_messages: usize, max_bytes: u64) -> Vec<Vec<u32>> {
+/// larger than the byte bound gets a batch of its own), each with its total size.
+pub fn batches(sizes: &[(u32, u32)], max_messages: usize, max_bytes: u64) -> Vec<(Vec<u32>, u64)> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0u64;
     for (uid, size) in sizes {
         let size = u64::from(*size);
         if !current.is_empty() && (current.len() >= max_messages || bytes + size > max_bytes) {
-            out.push(std::mem::take(&mut current));
+            out.push((std::mem::take(&mut current), bytes));
             bytes = 0;
         }
         current.push(*uid);
         bytes += size;
     }
     if !current.is_empty() {
-        out.push(current);
+        out.push((current, bytes));
     }
     out
 }
@@ -1335,11 +1324,11 @@ mod tests {
         let sizes = [(1, 10), (2, 10), (3, 100), (4, 5), (5, 5), (6, 5)];
         assert_eq!(
             batches(&sizes, 10, 25),
-            vec![vec![1, 2], vec![3], vec![4, 5, 6]]
+            vec![(vec![1, 2], 20), (vec![3], 100), (vec![4, 5, 6], 15)]
         );
         assert_eq!(
             batches(&sizes, 2, 1000),
-            vec![vec![1, 2], vec![3, 4], vec![5, 6]]
+            vec![(vec![1, 2], 20), (vec![3, 4], 105), (vec![5, 6], 10)]
         );
         assert!(batches(&[], 2, 10).is_empty());
     }
