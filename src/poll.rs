@@ -144,8 +144,12 @@ pub async fn poll_mailbox(
         connect_timeout: ctx.config.imap.connect_timeout,
         io_timeout: ctx.config.imap.io_timeout,
     };
+    let connecting = std::time::Instant::now();
     let mut session = match MailSession::connect(&endpoint, &login).await {
-        Ok(s) => s,
+        Ok(s) => {
+            tracing::debug!(mailbox = %mb.id, ms = connecting.elapsed().as_secs_f64() * 1e3, "logged in");
+            s
+        }
         Err(e) => {
             if matches!(e, ImapError::AuthFailed { .. }) {
                 // The token may be stale or revoked: ask for a new one next time.
@@ -169,7 +173,9 @@ async fn poll_session(
 ) -> Result<PollReport, PollError> {
     let mb = p.mb;
     let registry = &p.ctx.pipeline.registry;
+    let selecting = std::time::Instant::now();
     let selected = session.select(&mb.folder).await.map_err(p.imap())?;
+    tracing::debug!(mailbox = %mb.id, ms = selecting.elapsed().as_secs_f64() * 1e3, "folder selected");
     let mut report = PollReport {
         uidvalidity: selected.uidvalidity,
         ..PollReport::default()
@@ -204,10 +210,12 @@ async fn poll_session(
         .map_err(p.reg())?
         .map(|s| s.high_water_uid)
         .unwrap_or(0);
+    let listing = std::time::Instant::now();
     let Candidates {
         uids: candidates,
         unseen,
     } = session.candidates(high_water).await.map_err(p.imap())?;
+    tracing::debug!(mailbox = %mb.id, candidates = candidates.len(), ms = listing.elapsed().as_secs_f64() * 1e3, "candidates listed");
     report.candidates = candidates.len();
     let done = registry
         .known_uids(&mb.id, &mb.folder, selected.uidvalidity, &candidates)
