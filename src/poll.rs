@@ -97,6 +97,27 @@ struct Poller<'a> {
     mb: &'a MailboxConfig,
     /// See [`PollReport::unacknowledged`]; filled by whichever task performs acknowledgements.
     refused_acks: std::sync::Mutex<Vec<(u32, String)>>,
+    /// Acknowledgements the server confirmed whose rows are not deleted yet.
+    done_acks: std::sync::Mutex<DoneAcks>,
+}
+
+/// Acknowledgements performed on the server, deleted from the registry (each with its audit
+/// event) in one transaction per [`DoneAcks::FLUSH_AT`] of them and at the end of the poll,
+/// instead of one transaction per batch. Until then they are skipped when the pending ones are
+/// read. A crash before the deletion leaves their rows pending: the next poll performs them
+/// again, which changes nothing on the server (`\Seen` is set again; a UID already moved is no
+/// longer there), and then deletes them. The same holds for a crash between an acknowledgement
+/// and its deletion without this deferral.
+#[derive(Default)]
+struct DoneAcks {
+    ids: HashSet<i64>,
+    /// (`acked` or `ack-dropped`, when, what)
+    unrecorded: Vec<(&'static str, String, Vec<crate::registry::PendingAck>)>,
+    count: usize,
+}
+
+impl DoneAcks {
+    const FLUSH_AT: usize = 1000;
 }
 
 impl Poller<'_> {
@@ -125,6 +146,7 @@ pub async fn poll_mailbox(
         ctx,
         mb,
         refused_acks: std::sync::Mutex::new(Vec::new()),
+        done_acks: std::sync::Mutex::new(DoneAcks::default()),
     };
     // Closed only on shutdown, which the caller handles; a closed semaphore means "go on".
     let _permit = ctx.sessions.acquire().await.ok();
@@ -160,6 +182,17 @@ pub async fn poll_mailbox(
     };
     let mut result = poll_session(&p, &mut session, cancel).await;
     session.logout().await;
+    if let Err(e) = record_done_acks(&p).await {
+        // Their rows stay pending; the next poll performs them again and deletes them.
+        match &mut result {
+            Ok(_) => {
+                tracing::warn!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted; the next poll repeats them")
+            }
+            Err(_) => {
+                tracing::debug!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted")
+            }
+        }
+    }
     if let (Ok(report), Ok(mut refused)) = (&mut result, p.refused_acks.lock()) {
         report.unacknowledged = std::mem::take(&mut *refused);
     }
@@ -1205,10 +1238,13 @@ async fn drain_acks(
     uidvalidity: u32,
 ) -> Result<usize, PollError> {
     let registry = &p.ctx.pipeline.registry;
-    let pending = registry
+    let mut pending = registry
         .pending_acks(&p.mb.id, &p.mb.folder)
         .await
         .map_err(p.reg())?;
+    if let Ok(done) = p.done_acks.lock() {
+        pending.retain(|a| !done.ids.contains(&a.id));
+    }
     if pending.is_empty() {
         return Ok(0);
     }
@@ -1223,11 +1259,7 @@ async fn drain_acks(
             stale.push(ack);
         }
     }
-    let (mailbox, folder) = (&p.mb.id, &p.mb.folder);
-    registry
-        .acks_done(mailbox, folder, &stale, "ack-dropped")
-        .await
-        .map_err(p.reg())?;
+    note_done_acks(p, "ack-dropped", stale);
     let mut done = 0;
     for (action, acks) in by_action {
         let uids: Vec<u32> = acks.iter().map(|a| a.uid).collect();
@@ -1263,13 +1295,72 @@ async fn drain_acks(
             }
             Err(e) => return Err(p.imap()(e)),
         }
-        registry
-            .acks_done(mailbox, folder, &acks, "acked")
-            .await
-            .map_err(p.reg())?;
+        failpoint::hit("after-ack");
         done += uids.len();
+        note_done_acks(p, "acked", acks);
+    }
+    if p.done_acks
+        .lock()
+        .is_ok_and(|d| d.count >= DoneAcks::FLUSH_AT)
+    {
+        record_done_acks(p).await.map_err(p.reg())?;
     }
     Ok(done)
+}
+
+/// Notes acknowledgements the server confirmed (or that no longer apply), to be deleted by
+/// [`record_done_acks`].
+fn note_done_acks(p: &Poller<'_>, kind: &'static str, acks: Vec<crate::registry::PendingAck>) {
+    if acks.is_empty() {
+        return;
+    }
+    if let Ok(mut done) = p.done_acks.lock() {
+        done.ids.extend(acks.iter().map(|a| a.id));
+        done.count += acks.len();
+        done.unrecorded.push((kind, crate::registry::now(), acks));
+    }
+}
+
+/// Deletes the noted acknowledgements' rows with their audit events, in one transaction.
+async fn record_done_acks(p: &Poller<'_>) -> Result<(), RegistryError> {
+    let unrecorded = match p.done_acks.lock() {
+        Ok(mut done) => std::mem::take(&mut done.unrecorded),
+        Err(_) => return Ok(()),
+    };
+    if unrecorded.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<(&str, &str, &[crate::registry::PendingAck])> = unrecorded
+        .iter()
+        .map(|(kind, at, acks)| (*kind, at.as_str(), acks.as_slice()))
+        .collect();
+    let result = p
+        .ctx
+        .pipeline
+        .registry
+        .acks_done(&p.mb.id, &p.mb.folder, &groups)
+        .await;
+    if let Ok(mut done) = p.done_acks.lock() {
+        match &result {
+            Ok(()) => {
+                done.count = done.unrecorded.iter().map(|(_, _, a)| a.len()).sum();
+                let kept: HashSet<i64> = done
+                    .unrecorded
+                    .iter()
+                    .flat_map(|(_, _, a)| a.iter().map(|a| a.id))
+                    .collect();
+                // Deleted rows are not read again; ids noted meanwhile stay skipped.
+                done.ids = kept;
+            }
+            // Kept for the next try; meanwhile they stay skipped.
+            Err(_) => {
+                let mut back = unrecorded;
+                back.append(&mut done.unrecorded);
+                done.unrecorded = back;
+            }
+        }
+    }
+    result
 }
 
 /// Splits `(uid, size)` pairs into fetch batches bounded by count and by bytes (a message

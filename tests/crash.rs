@@ -451,6 +451,7 @@ mod batch_commit {
         killed_after_fetch,
         killed_after_blobs_published,
         killed_after_commit_before_ack,
+        killed_after_acks_before_their_rows_are_deleted,
         a_crash_counts_once_against_the_batch_then_each_message_goes_alone,
         random_sigkills,
     );
@@ -550,6 +551,41 @@ mod batch_commit {
         assert_eq!(records, 8);
         assert!(pending == 4 || pending == 8, "{pending}");
         recover(&bed).await;
+    }
+
+    async fn killed_after_acks_before_their_rows_are_deleted(db: TestDb) {
+        // Confirmed acknowledgements are deleted in bulk, not per batch: killed after the
+        // second acknowledgement round, both acknowledged batches are \Seen on the server and
+        // their rows are still pending. The next run performs them again, deletes them and
+        // registers nothing twice.
+        let bed = crash(&db, "after-ack:2", "").await;
+        let (records, pending) = acked_or_pending(&bed).await;
+        let seen = bed.seen(USER, "INBOX").values().filter(|s| **s).count();
+        assert!(seen >= 8, "two rounds acknowledged at least two batches: {seen}");
+        assert_eq!(pending, records, "no confirmed acknowledgement deleted yet");
+        recover(&bed).await;
+        let registry = bed.registry().await;
+        assert!(
+            registry
+                .pending_acks("podatelna", "INBOX")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Each message has one `acked` event: the killed run recorded none, the recovery run
+        // performed the pending ones again and recorded them with the rest.
+        let acked: Vec<i64> = registry
+            .events(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "acked")
+            .filter_map(|e| e.message_id)
+            .collect();
+        let ids: BTreeSet<i64> = acked.iter().copied().collect();
+        assert_eq!(ids.len(), 12, "{acked:?}");
+        assert_eq!(acked.len(), 12, "{acked:?}");
+        registry.close().await;
     }
 
     async fn a_crash_counts_once_against_the_batch_then_each_message_goes_alone(db: TestDb) {

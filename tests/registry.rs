@@ -96,9 +96,13 @@ async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb)
     let mut pending = r.pending_acks("podatelna", "INBOX").await.unwrap();
     assert_eq!(pending.len(), 1);
     for round in 1..=mailintake::registry::MAX_ACK_REPEATS {
-        r.acks_done("podatelna", "INBOX", &pending, "acked")
-            .await
-            .unwrap();
+        r.acks_done(
+            "podatelna",
+            "INBOX",
+            &[("acked", &mailintake::registry::now(), &pending)],
+        )
+        .await
+        .unwrap();
         // The server still shows UID 5 unseen; UID 6 was never recorded here.
         let (queued, given_up) = r
             .requeue_acks("podatelna", "INBOX", 7, &[5, 6], Some("seen"), None)
@@ -114,9 +118,13 @@ async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb)
             vec![(5, "seen")]
         );
     }
-    r.acks_done("podatelna", "INBOX", &pending, "acked")
-        .await
-        .unwrap();
+    r.acks_done(
+        "podatelna",
+        "INBOX",
+        &[("acked", &mailintake::registry::now(), &pending)],
+    )
+    .await
+    .unwrap();
     let (queued, given_up) = r
         .requeue_acks("podatelna", "INBOX", 7, &[5], Some("seen"), None)
         .await
@@ -167,9 +175,13 @@ async fn registration_writes_everything_in_one_transaction(db: &TestDb) {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, ["fetched", "stored", "parsed", "registered"]);
-    r.acks_done("podatelna", "INBOX", &acks, "acked")
-        .await
-        .unwrap();
+    r.acks_done(
+        "podatelna",
+        "INBOX",
+        &[("acked", &mailintake::registry::now(), &acks)],
+    )
+    .await
+    .unwrap();
     assert!(
         r.pending_acks("podatelna", "INBOX")
             .await

@@ -135,21 +135,23 @@ impl Registry {
     }
 
     /// Deletes acknowledgements the server confirmed (`kind` = `acked`) or that can no longer
-    /// apply (`ack-dropped`), each with its audit event.
+    /// apply (`ack-dropped`), each with its audit event dated when it was confirmed: groups of
+    /// (kind, when, acknowledgements), in one transaction.
     pub async fn acks_done(
         &self,
         mailbox_id: &str,
         folder: &str,
-        acks: &[PendingAck],
-        kind: &str,
+        groups: &[(&str, &str, &[PendingAck])],
     ) -> Result<(), RegistryError> {
-        if acks.is_empty() {
+        if groups.iter().all(|(_, _, acks)| acks.is_empty()) {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        let at = now();
         // A few set-based statements, not two per acknowledgement.
-        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+        let ids: Vec<i64> = groups
+            .iter()
+            .flat_map(|(_, _, acks)| acks.iter().map(|a| a.id))
+            .collect();
         delete_where_in(
             &mut tx,
             self.backend,
@@ -157,16 +159,18 @@ impl Registry {
             &ids,
         )
         .await?;
-        let events = acks
+        let events = groups
             .iter()
-            .map(|ack| {
-                ack_event(
-                    &at,
-                    kind,
-                    (mailbox_id, folder, ack.uidvalidity, ack.uid),
-                    ack.message_id,
-                    &ack.action,
-                )
+            .flat_map(|(kind, at, acks)| {
+                acks.iter().map(move |ack| {
+                    ack_event(
+                        at,
+                        kind,
+                        (mailbox_id, folder, ack.uidvalidity, ack.uid),
+                        ack.message_id,
+                        &ack.action,
+                    )
+                })
             })
             .collect();
         append_events(&mut tx, self.backend, events).await?;
