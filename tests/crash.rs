@@ -561,7 +561,10 @@ mod batch_commit {
         let bed = crash(&db, "after-ack:2", "").await;
         let (records, pending) = acked_or_pending(&bed).await;
         let seen = bed.seen(USER, "INBOX").values().filter(|s| **s).count();
-        assert!(seen >= 8, "two rounds acknowledged at least two batches: {seen}");
+        assert!(
+            seen >= 8,
+            "two rounds acknowledged at least two batches: {seen}"
+        );
         assert_eq!(pending, records, "no confirmed acknowledgement deleted yet");
         recover(&bed).await;
         let registry = bed.registry().await;
