@@ -45,6 +45,14 @@ async fn register(r: &Registry, origin: &Origin, raw: &[u8], s: &Submission) -> 
     .unwrap()
 }
 
+/// Records these acknowledgements as confirmed by the server (rows deleted, `acked` events).
+async fn acked(r: &Registry, acks: &[mailintake::registry::PendingAck]) {
+    let at = mailintake::registry::now();
+    r.acks_done("podatelna", "INBOX", &[("acked", &at, acks)])
+        .await
+        .unwrap();
+}
+
 fn number(n: i64) -> String {
     format!("REG-{}-{n:06}", chrono::Local::now().format("%Y"))
 }
@@ -96,13 +104,7 @@ async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb)
     let mut pending = r.pending_acks("podatelna", "INBOX").await.unwrap();
     assert_eq!(pending.len(), 1);
     for round in 1..=mailintake::registry::MAX_ACK_REPEATS {
-        r.acks_done(
-            "podatelna",
-            "INBOX",
-            &[("acked", &mailintake::registry::now(), &pending)],
-        )
-        .await
-        .unwrap();
+        acked(&r, &pending).await;
         // The server still shows UID 5 unseen; UID 6 was never recorded here.
         let (queued, given_up) = r
             .requeue_acks("podatelna", "INBOX", 7, &[5, 6], Some("seen"), None)
@@ -118,13 +120,7 @@ async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb)
             vec![(5, "seen")]
         );
     }
-    r.acks_done(
-        "podatelna",
-        "INBOX",
-        &[("acked", &mailintake::registry::now(), &pending)],
-    )
-    .await
-    .unwrap();
+    acked(&r, &pending).await;
     let (queued, given_up) = r
         .requeue_acks("podatelna", "INBOX", 7, &[5], Some("seen"), None)
         .await
@@ -175,13 +171,7 @@ async fn registration_writes_everything_in_one_transaction(db: &TestDb) {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, ["fetched", "stored", "parsed", "registered"]);
-    r.acks_done(
-        "podatelna",
-        "INBOX",
-        &[("acked", &mailintake::registry::now(), &acks)],
-    )
-    .await
-    .unwrap();
+    acked(&r, &acks).await;
     assert!(
         r.pending_acks("podatelna", "INBOX")
             .await
