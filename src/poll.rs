@@ -103,11 +103,11 @@ struct Poller<'a> {
 
 /// Acknowledgements performed on the server, deleted from the registry (each with its audit
 /// event) in one transaction per [`DoneAcks::FLUSH_AT`] of them and at the end of the poll,
-/// instead of one transaction per batch. Until then they are skipped when the pending ones are
-/// read. A crash before the deletion leaves their rows pending: the next poll performs them
-/// again, which changes nothing on the server (`\Seen` is set again; a UID already moved is no
-/// longer there), and then deletes them. The same holds for a crash between an acknowledgement
-/// and its deletion without this deferral.
+/// instead of one transaction per batch (moves: at once, see [`drain_acks`]). Until then they
+/// are skipped when the pending ones are read. A crash before the deletion leaves their rows
+/// pending: the next poll performs them again, which changes nothing on the server (`\Seen` is
+/// set again), and then deletes them, as after a crash between an acknowledgement and its
+/// deletion without this deferral.
 #[derive(Default)]
 struct DoneAcks {
     ids: HashSet<i64>,
@@ -184,13 +184,10 @@ pub async fn poll_mailbox(
     session.logout().await;
     if let Err(e) = record_done_acks(&p).await {
         // Their rows stay pending; the next poll performs them again and deletes them.
-        match &mut result {
-            Ok(_) => {
-                tracing::warn!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted; the next poll repeats them")
-            }
-            Err(_) => {
-                tracing::debug!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted")
-            }
+        if result.is_ok() {
+            tracing::warn!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted; the next poll repeats them");
+        } else {
+            tracing::debug!(mailbox = %mb.id, error = %e, "confirmed acknowledgements not deleted");
         }
     }
     if let (Ok(report), Ok(mut refused)) = (&mut result, p.refused_acks.lock()) {
@@ -1261,9 +1258,12 @@ async fn drain_acks(
     }
     note_done_acks(p, "ack-dropped", stale);
     let mut done = 0;
+    let mut moved = false;
     for (action, acks) in by_action {
         let uids: Vec<u32> = acks.iter().map(|a| a.uid).collect();
-        let performed = match AfterAction::parse(&action) {
+        let after = AfterAction::parse(&action);
+        moved |= matches!(after, Some(AfterAction::Move(_)));
+        let performed = match after {
             Some(AfterAction::Seen) => session.mark_seen(&uids).await,
             Some(AfterAction::Move(target)) => match session.ensure_folder(&target).await {
                 Ok(()) => session.move_to(&uids, &target).await,
@@ -1299,9 +1299,12 @@ async fn drain_acks(
         done += uids.len();
         note_done_acks(p, "acked", acks);
     }
-    if p.done_acks
-        .lock()
-        .is_ok_and(|d| d.count >= DoneAcks::FLUSH_AT)
+    // A move is deleted at once, as before: performed again after a crash it would ask the
+    // server to move UIDs that are gone, which a server may answer with NO.
+    if moved
+        || p.done_acks
+            .lock()
+            .is_ok_and(|d| d.count >= DoneAcks::FLUSH_AT)
     {
         record_done_acks(p).await.map_err(p.reg())?;
     }
