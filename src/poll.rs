@@ -108,16 +108,17 @@ struct Poller<'a> {
 /// pending: the next poll performs them again, which changes nothing on the server (`\Seen` is
 /// set again), and then deletes them, as after a crash between an acknowledgement and its
 /// deletion without this deferral.
+/// Groups of (`acked` or `ack-dropped`, when, what). Only the fetcher performs and records
+/// acknowledgements, one after the other, so a group is here until its rows are deleted.
 #[derive(Default)]
-struct DoneAcks {
-    ids: HashSet<i64>,
-    /// (`acked` or `ack-dropped`, when, what)
-    unrecorded: Vec<(&'static str, String, Vec<crate::registry::PendingAck>)>,
-    count: usize,
-}
+struct DoneAcks(Vec<(&'static str, String, Vec<crate::registry::PendingAck>)>);
 
 impl DoneAcks {
     const FLUSH_AT: usize = 1000;
+
+    fn acks(&self) -> impl Iterator<Item = &crate::registry::PendingAck> {
+        self.0.iter().flat_map(|(_, _, acks)| acks)
+    }
 }
 
 impl Poller<'_> {
@@ -1240,7 +1241,8 @@ async fn drain_acks(
         .await
         .map_err(p.reg())?;
     if let Ok(done) = p.done_acks.lock() {
-        pending.retain(|a| !done.ids.contains(&a.id));
+        let noted: HashSet<i64> = done.acks().map(|a| a.id).collect();
+        pending.retain(|a| !noted.contains(&a.id));
     }
     if pending.is_empty() {
         return Ok(0);
@@ -1304,7 +1306,7 @@ async fn drain_acks(
     if moved
         || p.done_acks
             .lock()
-            .is_ok_and(|d| d.count >= DoneAcks::FLUSH_AT)
+            .is_ok_and(|d| d.acks().count() >= DoneAcks::FLUSH_AT)
     {
         record_done_acks(p).await.map_err(p.reg())?;
     }
@@ -1318,22 +1320,21 @@ fn note_done_acks(p: &Poller<'_>, kind: &'static str, acks: Vec<crate::registry:
         return;
     }
     if let Ok(mut done) = p.done_acks.lock() {
-        done.ids.extend(acks.iter().map(|a| a.id));
-        done.count += acks.len();
-        done.unrecorded.push((kind, crate::registry::now(), acks));
+        done.0.push((kind, crate::registry::now(), acks));
     }
 }
 
-/// Deletes the noted acknowledgements' rows with their audit events, in one transaction.
+/// Deletes the noted acknowledgements' rows with their audit events, in one transaction. On
+/// failure they stay noted (and skipped) for the next try.
 async fn record_done_acks(p: &Poller<'_>) -> Result<(), RegistryError> {
-    let unrecorded = match p.done_acks.lock() {
-        Ok(mut done) => std::mem::take(&mut done.unrecorded),
+    let noted = match p.done_acks.lock() {
+        Ok(mut done) => std::mem::take(&mut done.0),
         Err(_) => return Ok(()),
     };
-    if unrecorded.is_empty() {
+    if noted.is_empty() {
         return Ok(());
     }
-    let groups: Vec<(&str, &str, &[crate::registry::PendingAck])> = unrecorded
+    let groups: Vec<(&str, &str, &[crate::registry::PendingAck])> = noted
         .iter()
         .map(|(kind, at, acks)| (*kind, at.as_str(), acks.as_slice()))
         .collect();
@@ -1343,25 +1344,10 @@ async fn record_done_acks(p: &Poller<'_>) -> Result<(), RegistryError> {
         .registry
         .acks_done(&p.mb.id, &p.mb.folder, &groups)
         .await;
-    if let Ok(mut done) = p.done_acks.lock() {
-        match &result {
-            Ok(()) => {
-                done.count = done.unrecorded.iter().map(|(_, _, a)| a.len()).sum();
-                let kept: HashSet<i64> = done
-                    .unrecorded
-                    .iter()
-                    .flat_map(|(_, _, a)| a.iter().map(|a| a.id))
-                    .collect();
-                // Deleted rows are not read again; ids noted meanwhile stay skipped.
-                done.ids = kept;
-            }
-            // Kept for the next try; meanwhile they stay skipped.
-            Err(_) => {
-                let mut back = unrecorded;
-                back.append(&mut done.unrecorded);
-                done.unrecorded = back;
-            }
-        }
+    if result.is_err()
+        && let Ok(mut done) = p.done_acks.lock()
+    {
+        done.0.splice(0..0, noted);
     }
     result
 }
