@@ -176,11 +176,12 @@ pub fn base64_decode_stream<'x>(
 // `decode_base64_mime_bytewise` keeps upstream's function as it was, as the reference that
 // every call is checked against while `set_differential_check(true)` is in effect (tests).
 
-static DIFFERENTIAL_CHECK: AtomicBool = AtomicBool::new(false);
+pub(crate) static DIFFERENTIAL_CHECK: AtomicBool = AtomicBool::new(false);
 
-/// mailintake patch, for tests: while on, every `decode_base64_mime` also runs upstream's byte
-/// loop on the same input and panics unless both return the same offset and bytes and leave
-/// the stream in the same state. Process-wide.
+/// mailintake patch, for tests: while on, every `decode_base64_mime` and every
+/// `decode_quoted_printable_mime` also runs upstream's byte loop on the same input and panics
+/// unless both return the same offset and bytes and leave the stream in the same state.
+/// Process-wide.
 #[doc(hidden)]
 pub fn set_differential_check(on: bool) {
     DIFFERENTIAL_CHECK.store(on, Ordering::Relaxed);

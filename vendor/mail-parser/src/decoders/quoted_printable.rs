@@ -6,7 +6,9 @@
 
 use std::borrow::Cow;
 
+use crate::decoders::base64::DIFFERENTIAL_CHECK;
 use crate::parsers::MessageStream;
+use std::sync::atomic::Ordering;
 
 #[derive(PartialEq, Debug)]
 enum QuotedPrintableState {
@@ -90,8 +92,191 @@ pub fn quoted_printable_decode_char(hex1: u8, hex2: u8) -> Option<u8> {
     (hex1 != -1 && hex2 != -1).then_some(((hex1 as u8) << 4) | hex2 as u8)
 }
 
+// mailintake patch (see PATCHED.md): `decode_quoted_printable_mime` copies runs of literal
+// bytes in bulk; `decode_quoted_printable_mime_bytewise` keeps upstream's function as it was, as
+// the reference every call is checked against while `base64::set_differential_check(true)` is
+// in effect (tests).
+
+/// Bytes that end a run of literal quoted-printable text: the escape, the line break and the
+/// dash (which may start a boundary).
+static QP_NOT_LITERAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'=' as usize] = true;
+    table[b'\r' as usize] = true;
+    table[b'\n' as usize] = true;
+    table[b'-' as usize] = true;
+    table
+};
+
 impl<'x> MessageStream<'x> {
     pub fn decode_quoted_printable_mime(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
+        if !DIFFERENTIAL_CHECK.load(Ordering::Relaxed) {
+            return self.decode_quoted_printable_mime_bulk(boundary);
+        }
+        // Upstream's loop first: where it panics (it does on some damaged input in debug
+        // builds), that is upstream's panic; where it does not, neither may the bulk loop.
+        let mut reference = self.clone();
+        let expected = reference.decode_quoted_printable_mime_bytewise(boundary);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decode_quoted_printable_mime_bulk(boundary)
+        }))
+        .unwrap_or_else(|_| {
+            panic!("mail-parser patch: bulk quoted-printable decoding panicked where the byte loop did not")
+        });
+        {
+            assert!(
+                result == expected && self.position_state() == reference.position_state(),
+                "mail-parser patch: bulk quoted-printable decoding differs from the byte loop \
+                 (offset_end {} vs {}, {} vs {} bytes, stream {:?} vs {:?})",
+                result.0,
+                expected.0,
+                result.1.len(),
+                expected.1.len(),
+                self.position_state(),
+                reference.position_state(),
+            );
+        }
+        result
+    }
+
+    // mailintake patch: upstream's `decode_quoted_printable_mime` with one step added at the top
+    // of its loop: outside an escape, the run of bytes up to the next `=`, CR, LF or `-` is
+    // appended at once, and the loop's state (whitespace count, last two bytes) is set as the
+    // byte loop would have set it. Everything else is upstream's loop.
+    fn decode_quoted_printable_mime_bulk(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
+        let mut buf = Vec::with_capacity(128);
+
+        let mut state = QuotedPrintableState::None;
+        let mut hex1 = 0;
+        let mut last_ch = 0;
+        let mut before_last_ch = 0;
+        let mut ws_count = 0;
+        let mut end_pos = self.offset();
+        let mut crlf = b"\n".as_ref();
+
+        self.checkpoint();
+
+        loop {
+            // mailintake patch: a run of literal bytes is copied at once.
+            if state == QuotedPrintableState::None {
+                let rest = self.rest();
+                let run = rest
+                    .iter()
+                    .position(|&b| QP_NOT_LITERAL[b as usize])
+                    .unwrap_or(rest.len());
+                if run >= 2 {
+                    let text = &rest[..run];
+                    buf.extend_from_slice(text);
+                    let trailing = text
+                        .iter()
+                        .rev()
+                        .take_while(|ch| ch.is_ascii_whitespace())
+                        .count();
+                    ws_count = if trailing == run {
+                        ws_count + run
+                    } else {
+                        trailing
+                    };
+                    before_last_ch = text[run - 2];
+                    last_ch = text[run - 1];
+                    self.skip_bytes(run);
+                }
+            }
+            let Some(&ch) = self.next() else {
+                break;
+            };
+            match ch {
+                b'=' => {
+                    if let QuotedPrintableState::None = state {
+                        state = QuotedPrintableState::Eq
+                    } else {
+                        self.restore();
+                        return (usize::MAX, b""[..].into());
+                    }
+                }
+                b'\n' => {
+                    end_pos = if last_ch == b'\r' {
+                        self.offset() - 2
+                    } else {
+                        self.offset() - 1
+                    };
+                    if QuotedPrintableState::Eq == state {
+                        state = QuotedPrintableState::None;
+                    } else {
+                        if ws_count > 0 {
+                            buf.truncate(buf.len() - ws_count);
+                        }
+                        buf.extend_from_slice(crlf);
+                    }
+                    ws_count = 0;
+                }
+                b'\r' => {
+                    crlf = b"\r\n".as_ref();
+                }
+                b'-' if !boundary.is_empty() && last_ch == b'-' && self.try_skip(boundary) => {
+                    if before_last_ch == b'\n' {
+                        buf.truncate(buf.len() - (crlf.len() + 1));
+                    } else {
+                        buf.truncate(buf.len() - 1);
+                        end_pos = self.offset() - boundary.len() - 2;
+                    }
+
+                    return (end_pos, buf.into());
+                }
+                _ => match state {
+                    QuotedPrintableState::None => {
+                        if ch.is_ascii_whitespace() {
+                            ws_count += 1;
+                        } else {
+                            ws_count = 0;
+                        }
+                        buf.push(ch);
+                    }
+                    QuotedPrintableState::Eq => {
+                        hex1 = HEX_MAP[ch as usize];
+                        if hex1 != -1 {
+                            state = QuotedPrintableState::Hex1;
+                        } else if !ch.is_ascii_whitespace() {
+                            state = QuotedPrintableState::None;
+                            buf.push(b'=');
+                            buf.push(ch);
+                            ws_count = 0;
+                        }
+                    }
+                    QuotedPrintableState::Hex1 => {
+                        let hex2 = HEX_MAP[ch as usize];
+
+                        state = QuotedPrintableState::None;
+                        if hex2 != -1 {
+                            buf.push(((hex1 as u8) << 4) | hex2 as u8);
+                            ws_count = 0;
+                        } else {
+                            buf.push(b'=');
+                            buf.push(last_ch);
+                            buf.push(ch);
+                            ws_count = 0;
+                        }
+                    }
+                },
+            }
+
+            before_last_ch = last_ch;
+            last_ch = ch;
+        }
+
+        (
+            if boundary.is_empty() {
+                self.offset()
+            } else {
+                self.restore();
+                usize::MAX
+            },
+            buf.into(),
+        )
+    }
+
+    // mailintake patch: upstream's `decode_quoted_printable_mime`, unchanged.
+    fn decode_quoted_printable_mime_bytewise(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
         let mut buf = Vec::with_capacity(128);
 
         let mut state = QuotedPrintableState::None;
