@@ -141,8 +141,9 @@ impl<'x> MessageStream<'x> {
 
     // mailintake patch: upstream's `decode_quoted_printable_mime` with one step added at the top
     // of its loop: outside an escape, the run of bytes up to the next `=`, CR, LF or `-` is
-    // appended at once, and the loop's state (whitespace count, last two bytes) is set as the
-    // byte loop would have set it. Everything else is upstream's loop.
+    // appended at once, then an `=` with two hex digits is decoded at once, as long as one of
+    // the two follows; the loop's state (whitespace count, last two bytes) is set as the byte
+    // loop would have set it. Everything else is upstream's loop.
     fn decode_quoted_printable_mime_bulk(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
         let mut buf = Vec::with_capacity(128);
 
@@ -157,29 +158,45 @@ impl<'x> MessageStream<'x> {
         self.checkpoint();
 
         loop {
-            // mailintake patch: a run of literal bytes is copied at once.
+            // mailintake patch: a run of literal bytes is copied at once, and so is an escape of
+            // two hex digits after it; this repeats until something else comes.
             if state == QuotedPrintableState::None {
-                let rest = self.rest();
-                let run = rest
-                    .iter()
-                    .position(|&b| QP_NOT_LITERAL[b as usize])
-                    .unwrap_or(rest.len());
-                if run >= 2 {
-                    let text = &rest[..run];
-                    buf.extend_from_slice(text);
-                    let trailing = text
+                loop {
+                    let rest = self.rest();
+                    let run = rest
                         .iter()
-                        .rev()
-                        .take_while(|ch| ch.is_ascii_whitespace())
-                        .count();
-                    ws_count = if trailing == run {
-                        ws_count + run
-                    } else {
-                        trailing
-                    };
-                    before_last_ch = text[run - 2];
-                    last_ch = text[run - 1];
-                    self.skip_bytes(run);
+                        .position(|&b| QP_NOT_LITERAL[b as usize])
+                        .unwrap_or(rest.len());
+                    if run > 0 {
+                        let text = &rest[..run];
+                        buf.extend_from_slice(text);
+                        let trailing = text
+                            .iter()
+                            .rev()
+                            .take_while(|ch| ch.is_ascii_whitespace())
+                            .count();
+                        ws_count = if trailing == run {
+                            ws_count + run
+                        } else {
+                            trailing
+                        };
+                        before_last_ch = if run >= 2 { text[run - 2] } else { last_ch };
+                        last_ch = text[run - 1];
+                        self.skip_bytes(run);
+                    }
+                    match self.rest() {
+                        [b'=', h1, h2, ..]
+                            if HEX_MAP[*h1 as usize] != -1 && HEX_MAP[*h2 as usize] != -1 =>
+                        {
+                            let (hi, lo) = (HEX_MAP[*h1 as usize] as u8, HEX_MAP[*h2 as usize] as u8);
+                            buf.push((hi << 4) | lo);
+                            ws_count = 0;
+                            before_last_ch = *h1;
+                            last_ch = *h2;
+                            self.skip_bytes(3);
+                        }
+                        _ => break,
+                    }
                 }
             }
             let Some(&ch) = self.next() else {
