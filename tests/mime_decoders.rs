@@ -119,6 +119,29 @@ fn clean_base64_decodes_to_the_encoded_bytes_at_any_line_width() {
     }
 }
 
+/// Inserts 1-5 pieces of `noise` at random places of an encoded body, and cuts it short at a
+/// random place one time in five.
+fn damage(rng: &mut StdRng, body: &mut Vec<u8>, noise: &[&[u8]]) {
+    for _ in 0..rng.random_range(1..6) {
+        let at = rng.random_range(0..=body.len());
+        let piece = noise[rng.random_range(0..noise.len())];
+        body.splice(at..at, piece.iter().copied());
+    }
+    if rng.random_bool(0.2) {
+        let cut = rng.random_range(0..=body.len());
+        body.truncate(cut);
+    }
+}
+
+/// One time in seven or so, removes a multipart message's closing boundary: its last part then
+/// runs to the end of the message.
+fn perhaps_drop_closing_boundary(rng: &mut StdRng, raw: &mut Vec<u8>, eol: &str) {
+    if rng.random_bool(0.15) {
+        let cut = raw.len() - "--b0und--".len() - eol.len();
+        raw.truncate(cut);
+    }
+}
+
 #[test]
 fn damaged_base64_gives_the_same_result_as_upstream() {
     let mut rng = StdRng::seed_from_u64(11);
@@ -152,21 +175,9 @@ fn damaged_base64_gives_the_same_result_as_upstream() {
         let width = [76usize, 64, 4, 7, 1][rng.random_range(0..5)];
         let eol = if rng.random_bool(0.8) { "\r\n" } else { "\n" };
         let mut body = wrapped(&STANDARD.encode(&payload), width, eol);
-        for _ in 0..rng.random_range(1..6) {
-            let at = rng.random_range(0..=body.len());
-            let piece = noise[rng.random_range(0..noise.len())];
-            body.splice(at..at, piece.iter().copied());
-        }
-        if rng.random_bool(0.2) {
-            let cut = rng.random_range(0..=body.len());
-            body.truncate(cut);
-        }
+        damage(&mut rng, &mut body, noise);
         let mut raw = multipart(&[("x.pdf", &body)], eol);
-        if rng.random_bool(0.15) {
-            // No closing boundary: the part runs to the end of the message.
-            let cut = raw.len() - "--b0und--".len() - eol.len();
-            raw.truncate(cut);
-        }
+        perhaps_drop_closing_boundary(&mut rng, &mut raw, eol);
         match parse_checked(&format!("round {round}"), &raw) {
             Ok(attachments) if attachments.first() == Some(&payload) => intact += 1,
             _ => damaged += 1,
@@ -175,7 +186,7 @@ fn damaged_base64_gives_the_same_result_as_upstream() {
     }
     // The damage must reach both outcomes: payloads that still decode whole (noise the decoder
     // skips) and payloads that do not (cut short, invalid bytes, broken boundaries).
-    eprintln!("mime_base64: damaged rounds: {intact} decoded whole, {damaged} not");
+    eprintln!("mime_decoders: damaged base64 rounds: {intact} decoded whole, {damaged} not");
     assert!(
         intact >= 20 && damaged >= 100,
         "{intact} whole, {damaged} not"
@@ -224,7 +235,7 @@ fn long_damaged_lines_do_not_make_decoding_quadratic() {
 
 #[test]
 fn shared_corpus_parses_the_same_as_upstream() {
-    let Some(corpus) = common::shared_dir("mime_base64", "corpus") else {
+    let Some(corpus) = common::shared_dir("mime_decoders", "corpus") else {
         return;
     };
     let (inputs, _) = common::corpus_inputs(&corpus);
@@ -236,7 +247,7 @@ fn shared_corpus_parses_the_same_as_upstream() {
         }
     }
     eprintln!(
-        "mime_base64: {parsed} corpus messages parsed identically; upstream panics on {}: {upstream_panics:#?}",
+        "mime_decoders: {parsed} corpus messages parsed identically; upstream panics on {}: {upstream_panics:#?}",
         upstream_panics.len()
     );
     assert!(parsed >= 440, "only {parsed} corpus messages parsed");
@@ -427,20 +438,9 @@ fn damaged_quoted_printable_gives_the_same_result_as_upstream() {
         let eol = if rng.random_bool(0.8) { "\r\n" } else { "\n" };
         let expected = lines.join(eol.as_bytes());
         let mut body = quoted_printable(&lines, eol);
-        for _ in 0..rng.random_range(1..6) {
-            let at = rng.random_range(0..=body.len());
-            let piece = noise[rng.random_range(0..noise.len())];
-            body.splice(at..at, piece.iter().copied());
-        }
-        if rng.random_bool(0.2) {
-            let cut = rng.random_range(0..=body.len());
-            body.truncate(cut);
-        }
+        damage(&mut rng, &mut body, noise);
         let mut raw = multipart_encoded(&[("x.txt", &body)], eol, "quoted-printable");
-        if rng.random_bool(0.15) {
-            let cut = raw.len() - "--b0und--".len() - eol.len();
-            raw.truncate(cut);
-        }
+        perhaps_drop_closing_boundary(&mut rng, &mut raw, eol);
         match parse_checked(&format!("round {round}"), &raw) {
             Ok(parts) if parts.first() == Some(&expected) => intact += 1,
             Ok(_) => damaged += 1,
