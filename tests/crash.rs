@@ -354,6 +354,74 @@ async fn database_unreachable_mid_run_acks_nothing_uncommitted_and_the_next_run_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_database_disk_is_not_held_against_the_message() {
+    let tmpfs = match common::tmpfs::Tmpfs::mount("6m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "full database disk: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
+            );
+            return;
+        }
+    };
+    let mut bed = Bed::start().await;
+    bed.idp.add_app(TENANT, CLIENT, "secret-podatelna", &[USER]);
+    // The registry on the small filesystem; the blob store elsewhere, with room.
+    bed.database = Some(format!(
+        "sqlite://{}/registry.sqlite3",
+        tmpfs.path().display()
+    ));
+    bed.configure(&[mailbox()]);
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    // Fill the filesystem but for 64 KiB: room for the small writes of a poll (its attempt
+    // rows), none for a message whose text body is 1.5 MB.
+    let filler = tmpfs.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).and_then(|()| f.sync_data()).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(64 * 1024)).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut raw = b"From: Jana Novakova <jana@example.cz>\r\nTo: podatelna@urad.example\r\n\
+Subject: Long submission\r\nMessage-ID: <long-1@example.cz>\r\n\
+Date: Thu, 03 Dec 2026 10:00:00 +0100\r\n\r\n"
+        .to_vec();
+    while raw.len() < 1_500_000 {
+        raw.extend_from_slice(
+            b"Zadost o informace podle zakona c. 106/1999 Sb., odstavec dalsi.\r\n",
+        );
+    }
+    bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+    // More polls than max_attempts (3): the database's trouble is never the message's.
+    for poll in 1..=4 {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "poll {poll}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("full"),
+            "poll {poll}: {}",
+            text(&out)
+        );
+        assert!(bed.seen(USER, "INBOX").values().all(|s| !*s), "poll {poll}");
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = bed.registry().await.list(None, 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].status,
+        Status::Registered,
+        "registered, not quarantined as poison: {:?}",
+        rows[0].reason_code
+    );
+    assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_means_no_commit_no_ack_a_clear_error_and_recovery_once_space_is_back() {
     let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
         Ok(t) => t,

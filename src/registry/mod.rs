@@ -58,16 +58,19 @@ impl RegistryError {
         move |source| RegistryError::Db { action, source }
     }
 
-    /// True when the database refused this statement's data (a constraint, an encoding):
-    /// a problem of the message at hand rather than of the database.
+    /// True when the database refused this statement's data (a constraint, an encoding, a value
+    /// too big): a problem of the message at hand rather than of the database. Errors the
+    /// database reports about itself (disk full, locked, read-only, deadlock, timeout, I/O) are
+    /// not: counting them against the message would, after `max_attempts` polls, quarantine
+    /// good mail as poison.
     pub fn is_data_error(&self) -> bool {
-        matches!(
-            self,
+        match self {
             RegistryError::Db {
-                source: sqlx::Error::Database(_),
+                source: sqlx::Error::Database(e),
                 ..
-            }
-        )
+            } => refuses_the_data(e.code().as_deref()),
+            _ => false,
+        }
     }
 
     /// True when the database itself is unreachable or overloaded, not when a statement is wrong.
@@ -306,22 +309,51 @@ async fn lock_file(db: &Path, url: &str) -> Result<std::fs::File, RegistryError>
         .map_err(fail)
 }
 
-/// The URL with any password replaced, for messages.
+/// Whether a database error code says the statement's data was refused. PostgreSQL: SQLSTATE
+/// classes 22 (data exception: invalid encoding, value out of range) and 23 (integrity
+/// constraint). SQLite (sqlx gives the extended result code, whose low byte is the primary one):
+/// TOOBIG (18), CONSTRAINT (19) and MISMATCH (20); FULL, BUSY, READONLY, IOERR and the rest are
+/// the database's own trouble. A SQLSTATE always has five characters; SQLite's codes, extended
+/// ones included, have at most four digits.
+fn refuses_the_data(code: Option<&str>) -> bool {
+    let Some(code) = code else { return false };
+    if code.len() == 5 {
+        return code.starts_with("22") || code.starts_with("23");
+    }
+    code.parse::<u32>()
+        .is_ok_and(|extended| matches!(extended & 0xff, 18..=20))
+}
+
+/// The URL with any password replaced, for messages: every query parameter whose name holds
+/// "password" (sqlx's and libpq's `password=`, `sslpassword=`), then the one in the user part
+/// (`user:password@`).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:[redacted]{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    // Parameters first: a value may hold an `@`, which would mislead the user-part search.
+    while let Some(sep) = rest.find(['?', '&']) {
+        out.push_str(&rest[..=sep]);
+        rest = &rest[sep + 1..];
+        let end = rest.find(['&', '?']).unwrap_or(rest.len());
+        match rest[..end].split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                out.push_str(name);
+                out.push_str("=[redacted]");
+                rest = &rest[end..];
             }
+            _ => {}
         }
-        _ => url.to_owned(),
+    }
+    out.push_str(rest);
+    match (out.find("://"), out.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match out[scheme + 3..at].find(':') {
+            Some(colon) => {
+                out.replace_range(scheme + 3 + colon + 1..at, "[redacted]");
+                out
+            }
+            None => out,
+        },
+        _ => out,
     }
 }
 
@@ -498,6 +530,28 @@ mod tests {
     }
 
     #[test]
+    fn only_refusals_of_the_data_count_against_a_message() {
+        use super::refuses_the_data;
+        // SQLite extended codes: CONSTRAINT_NOTNULL, CONSTRAINT_UNIQUE, TOOBIG, MISMATCH.
+        for code in ["1299", "2067", "18", "20"] {
+            assert!(refuses_the_data(Some(code)), "{code}");
+        }
+        // SQLite: FULL, BUSY, LOCKED, READONLY, IOERR_WRITE, CORRUPT.
+        for code in ["13", "5", "6", "8", "778", "11"] {
+            assert!(!refuses_the_data(Some(code)), "{code}");
+        }
+        // PostgreSQL: invalid encoding, not null, unique, check.
+        for code in ["22021", "23502", "23505", "23514", "22001"] {
+            assert!(refuses_the_data(Some(code)), "{code}");
+        }
+        // PostgreSQL: disk full, deadlock, serialization, timeout, read-only, admin shutdown.
+        for code in ["53100", "40P01", "40001", "57014", "25006", "57P01"] {
+            assert!(!refuses_the_data(Some(code)), "{code}");
+        }
+        assert!(!refuses_the_data(None));
+    }
+
+    #[test]
     fn passwords_are_redacted_from_urls() {
         assert_eq!(
             redact_url("postgres://intake:s3cret@db.example/registry"),
@@ -510,6 +564,19 @@ mod tests {
         assert_eq!(
             redact_url("sqlite:///var/lib/x.db"),
             "sqlite:///var/lib/x.db"
+        );
+        assert_eq!(
+            redact_url("postgres://intake@db/registry?sslmode=require&password=s3cret"),
+            "postgres://intake@db/registry?sslmode=require&password=[redacted]"
+        );
+        assert_eq!(
+            redact_url("postgresql://db/registry?Password=a@b&sslpassword=k3y&user=intake"),
+            "postgresql://db/registry?Password=[redacted]&sslpassword=[redacted]&user=intake"
+        );
+        // A password with unencoded `?` and `@` in the user part.
+        assert_eq!(
+            redact_url("postgres://intake:p?w@d@db/registry"),
+            "postgres://intake:[redacted]@db/registry"
         );
     }
 }
