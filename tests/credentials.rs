@@ -497,6 +497,42 @@ async fn outages_are_called_temporary_not_credential_problems() {
     assert!(stdout.contains("[TEMP] connect"), "{stdout}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_answer_oauth2_cannot_parse_is_reported_without_its_tokens() {
+    const TOKEN: &str = "quirkTOKENq";
+    let bed = app_bed(&[USER]).await;
+    bed.idp.set_token_prefix(TOKEN);
+    // A successful answer, tokens included, with `expires_in` as a string.
+    bed.idp.set_expires_in_as_string(true);
+    let trace = [("MAILINTAKE_LOG", "trace"), ("RUST_LOG", "trace")];
+    for args in [
+        &["check", "podatelna"][..],
+        &["check", "podatelna", "--json"],
+    ] {
+        let out = bed.command(args, &trace).await;
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        assert!(all.contains("not an OAuth2 token response"), "{all}");
+        assert!(
+            all.contains("expires_in") && all.contains("access_token"),
+            "{all}"
+        );
+        assert!(!all.contains(TOKEN), "the token leaked:\n{all}");
+    }
+    let out = bed.run_once_env(&trace).await;
+    assert!(
+        !text(&out).contains(TOKEN),
+        "the token leaked:\n{}",
+        text(&out)
+    );
+
+    // An absurd lifetime (u64::MAX seconds) is believed for a day at most: no overflow, the
+    // token is used.
+    bed.idp.set_expires_in_as_string(false);
+    bed.idp.set_token_lifetime(u64::MAX);
+    registers_one(&bed).await;
+}
+
 // ---- 4. canary ---------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

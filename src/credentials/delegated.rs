@@ -135,7 +135,12 @@ impl Delegated {
                 store.save(&self.credential, rotated.expose(), None).await?;
                 tracing::info!(credential = %self.credential, "refresh token rotated and stored");
             }
-            None => store.touch(&self.credential).await?,
+            // Only a "last used" time: a failure to write it must not cost the token.
+            None => {
+                if let Err(e) = store.touch(&self.credential).await {
+                    tracing::warn!(credential = %self.credential, error = %e, "could not note the refresh token's use");
+                }
+            }
         }
         Ok(fresh)
     }

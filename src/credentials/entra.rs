@@ -168,7 +168,12 @@ pub(super) fn token_result(
     };
     match result {
         Ok(response) => {
-            let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3599));
+            // `expires_in` comes from the endpoint: a day at most, so that no absurd value can
+            // overflow the clock arithmetic below (or keep a token past its revocation).
+            let lifetime = response
+                .expires_in()
+                .unwrap_or(Duration::from_secs(3599))
+                .min(MAX_TOKEN_LIFETIME);
             tracing::info!(
                 credential = %credential,
                 expires_in_s = lifetime.as_secs(),
@@ -201,14 +206,67 @@ pub(super) fn token_result(
         Err(RequestTokenError::Request(e)) => {
             Err(unavailable(format!("request failed: {}", error_chain(&e))))
         }
-        Err(RequestTokenError::Parse(e, body)) => {
-            let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-            Err(unavailable(format!(
-                "answer is not an OAuth2 token response ({e}); body starts: {snippet:?}"
-            )))
-        }
+        Err(RequestTokenError::Parse(e, body)) => Err(unavailable(format!(
+            "answer is not an OAuth2 token response ({}); {}",
+            without_token_values(&e.to_string(), &body),
+            describe_unparsed_body(&body)
+        ))),
         Err(RequestTokenError::Other(detail)) => Err(unavailable(detail)),
     }
+}
+
+/// The longest access-token lifetime believed from a token response.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Keys of a token endpoint's JSON whose values are secrets.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    (key.contains("token") && key != "token_type") || key.contains("secret") || key == "password"
+}
+
+/// What can be said of a token endpoint's answer that oauth2 could not parse, without its
+/// secrets. A successful answer in an unexpected shape (say `expires_in` as a string) still
+/// holds the access and refresh tokens, and this text reaches logs and `check`: a JSON object is
+/// described by its keys (with the values of `error` and `error_description`), anything else
+/// that mentions a token only by its length, and the rest (a proxy's HTML page) by its start.
+fn describe_unparsed_body(body: &[u8]) -> String {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
+        let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+        let mut text = format!("the answer is a JSON object with the keys {keys:?}");
+        for key in ["error", "error_description"] {
+            if let Some(serde_json::Value::String(value)) = fields.get(key) {
+                text.push_str(&format!("; {key}: {value:?}"));
+            }
+        }
+        return text;
+    }
+    let text = String::from_utf8_lossy(body);
+    if text.to_ascii_lowercase().contains("token") {
+        return format!(
+            "the answer ({} bytes) is not shown: it mentions a token",
+            body.len()
+        );
+    }
+    let snippet: String = text.chars().take(200).collect();
+    format!("the answer starts: {snippet:?}")
+}
+
+/// `message` with every secret value of the JSON `body` cut out (a parse error may quote the
+/// value it choked on).
+fn without_token_values(message: &str, body: &[u8]) -> String {
+    let mut message = message.to_owned();
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
+        for (key, value) in &fields {
+            let secret = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if is_secret_key(key) && !secret.is_empty() {
+                message = message.replace(&secret, "[redacted]");
+            }
+        }
+    }
+    message
 }
 
 pub(super) fn refused(credential: &str, e: EntraErrorResponse) -> CredentialError {
@@ -290,5 +348,47 @@ mod tests {
             Some(7000215)
         );
         assert_eq!(parse_aadsts("something else"), None);
+    }
+
+    #[test]
+    fn an_unparsable_token_answer_is_described_without_its_tokens() {
+        // `expires_in` as a string: oauth2 rejects the answer, which still holds both tokens.
+        let body = br#"{"token_type":"Bearer","expires_in":"3600","access_token":"AT-s3cret-1","refresh_token":"RT-s3cret-2"}"#;
+        let error = serde_json::from_slice::<oauth2::basic::BasicTokenResponse>(body)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("3600"), "{error}");
+        let text = format!(
+            "{}; {}",
+            without_token_values(&error, body),
+            describe_unparsed_body(body)
+        );
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains(r#""expires_in""#) && text.contains(r#""refresh_token""#),
+            "{text}"
+        );
+
+        // A token of the wrong type is quoted by serde's message: cut out as well.
+        let body = br#"{"token_type":"Bearer","access_token":987654321}"#;
+        let error = serde_json::from_slice::<oauth2::basic::BasicTokenResponse>(body)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("987654321"), "{error}");
+        assert!(!without_token_values(&error, body).contains("987654321"));
+
+        // Not JSON: a form-encoded answer mentioning a token is not shown, a proxy's page is.
+        let form = b"access_token=AT-s3cret-3&token_type=bearer";
+        assert!(!describe_unparsed_body(form).contains("s3cret"));
+        let page = b"<html><body>502 Bad Gateway</body></html>";
+        assert!(describe_unparsed_body(page).contains("502 Bad Gateway"));
+        let error = br#"{"error":"invalid_request","error_description":"bad things","x":1}"#;
+        let described = describe_unparsed_body(error);
+        assert!(
+            described.contains("invalid_request") && described.contains("bad things"),
+            "{described}"
+        );
     }
 }

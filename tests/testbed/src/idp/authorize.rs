@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::errors::{AadError, html_escape, unavailable};
+use super::far_instant;
 use super::token::Params;
 use super::{
     AUTH_CODE_LIFETIME, AuthCode, DeviceAuthorization, Directory, OPAQUE_LEN, Shared,
@@ -250,7 +251,7 @@ fn device_authorization(
             tenant,
             user_code: user_code.clone(),
             scope,
-            expires_at: Instant::now() + Duration::from_secs(lifetime),
+            expires_at: far_instant(lifetime),
             approved_by: None,
             polls: 0,
             redeemed: false,

@@ -145,6 +145,8 @@ struct Shared {
     refresh_requests: AtomicUsize,
     tokeninfo_requests: AtomicUsize,
     down: AtomicBool,
+    /// Token answers carry `expires_in` as a JSON string (as some OAuth2 providers send it).
+    expires_in_as_string: AtomicBool,
 }
 
 /// Tenants, app registrations, users, issued tokens and codes, and test settings.
@@ -345,6 +347,7 @@ impl IdentityPlatform {
             refresh_requests: AtomicUsize::new(0),
             tokeninfo_requests: AtomicUsize::new(0),
             down: AtomicBool::new(false),
+            expires_in_as_string: AtomicBool::new(false),
         });
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", any(token::token_endpoint))
@@ -780,6 +783,16 @@ impl IdentityPlatform {
         self.directory().token_lifetime = secs;
     }
 
+    /// While `on` is true, token answers carry `expires_in` as a string ("3599"), a shape
+    /// some providers send and oauth2 does not accept: a successful answer, tokens included,
+    /// that the client cannot parse.
+    pub fn set_expires_in_as_string(&self, on: bool) {
+        self.handle
+            .shared
+            .expires_in_as_string
+            .store(on, Ordering::SeqCst);
+    }
+
     /// While `down` is true every endpoint answers HTTP 503.
     pub fn set_down(&self, down: bool) {
         self.handle.shared.down.store(down, Ordering::SeqCst);
@@ -956,7 +969,7 @@ impl Directory {
                 aud,
                 roles,
                 scp,
-                expires_at: Instant::now() + Duration::from_secs(lifetime),
+                expires_at: far_instant(lifetime),
                 expires_at_unix: u64::try_from(exp).unwrap_or(0),
                 revoked: false,
             },
@@ -1179,6 +1192,15 @@ async fn fallback(State(shared): State<Arc<Shared>>) -> Response {
         StatusCode::NOT_FOUND,
         &json!({"error": "not_found", "error_description": "No such endpoint on the identity platform stand-in."}),
     )
+}
+
+/// `lifetime` seconds from now, or about a century for lifetimes the clock cannot add (a test
+/// may ask for `u64::MAX`).
+pub(crate) fn far_instant(lifetime: u64) -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(lifetime))
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86400)))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]

@@ -127,6 +127,9 @@ pub(super) async fn token_endpoint(
             if let Some(refresh_token) = issued.refresh_token {
                 fields.insert("refresh_token".into(), json!(refresh_token));
             }
+            if shared.expires_in_as_string.load(Ordering::SeqCst) {
+                fields.insert("expires_in".into(), json!(issued.expires_in.to_string()));
+            }
             json_response(StatusCode::OK, &body)
         }
         Err(error) => error.into_response(correlation_id),
