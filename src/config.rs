@@ -494,7 +494,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str, env: &dyn SecretEnv) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: syntax_message(text, &e),
         })?;
         let base = path
             .parent()
@@ -525,6 +525,23 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     problems: Vec<Problem>,
+}
+
+/// The most IMAP sessions at once that `imap.max_sessions` can ask for.
+const MAX_SESSIONS_CAP: usize = 4096;
+
+/// A TOML error as "line L, column C: what". toml's own rendering quotes the offending source
+/// line, and that line may hold a secret (`client_secret = "…"` put where only
+/// `client_secret_file` is allowed fails as an unknown key), so it is never shown.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let Some(start) = e.span().map(|span| span.start) else {
+        return message.to_owned();
+    };
+    let before = text.get(..start).unwrap_or(text);
+    let line = before.bytes().filter(|b| *b == b'\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 impl Validator<'_> {
@@ -575,7 +592,10 @@ impl Validator<'_> {
                     self.problem(
                         Some(url),
                         "database_url".into(),
-                        format!("{u:?} is neither a SQLite nor a PostgreSQL URL"),
+                        format!(
+                            "{:?} is neither a SQLite nor a PostgreSQL URL",
+                            crate::registry::redact_url(u)
+                        ),
                         "use sqlite:///path/to/registry.sqlite3 or postgres://user@host/dbname, or leave it out for a SQLite file under data_dir",
                     );
                 }
@@ -584,6 +604,19 @@ impl Validator<'_> {
             None => format!("sqlite://{}", data_dir.join("registry.sqlite3").display()),
         };
         let defaults = ImapTuning::default();
+        for (key, value) in [
+            ("imap.connect_timeout_secs", raw.imap.connect_timeout_secs),
+            ("imap.io_timeout_secs", raw.imap.io_timeout_secs),
+        ] {
+            if value == Some(0) {
+                self.problems.push(Problem {
+                    line: None,
+                    key: key.into(),
+                    problem: "is 0: every step would time out at once".into(),
+                    fix: "leave it out for the default or give seconds, e.g. 30".into(),
+                });
+            }
+        }
         let imap = ImapTuning {
             connect_timeout: raw
                 .imap
@@ -617,7 +650,7 @@ impl Validator<'_> {
                 .imap
                 .max_sessions
                 .unwrap_or(defaults.max_sessions)
-                .max(1),
+                .clamp(1, MAX_SESSIONS_CAP),
             parallel_messages: raw
                 .imap
                 .parallel_messages

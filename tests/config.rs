@@ -231,3 +231,41 @@ fn delegated_redirect_uri_is_loopback_with_or_without_a_port() {
         assert!(p[0].problem.contains("not a loopback"), "{p:?}");
     }
 }
+
+#[test]
+fn a_secret_on_a_mistyped_line_is_not_echoed() {
+    // `client_secret` is not a key (only `client_secret_env` / `_file` are): the TOML error
+    // names the key and the line, never the line's text.
+    let text = GOOD.replace(
+        "client_secret_env = \"MAILINTAKE_PODATELNA_SECRET\"",
+        "client_secret = \"Xk9-literal-secret-Q2\"",
+    );
+    let err = Config::parse(Path::new("/x/test.toml"), &text, &env()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{msg}");
+    assert!(msg.contains("client_secret"), "{msg}");
+    assert!(msg.contains("line 8"), "{msg}");
+    assert!(!msg.contains("Xk9-literal-secret-Q2"), "{msg}");
+}
+
+#[test]
+fn zero_timeouts_are_refused_and_huge_session_counts_capped() {
+    let text = GOOD.replace(
+        "data_dir = \"data\"",
+        "data_dir = \"data\"\n[imap]\nio_timeout_secs = 0\nconnect_timeout_secs = 0",
+    );
+    // The [imap] table must come before the credentials' tables it would otherwise swallow.
+    let p = problems(&text);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["imap.connect_timeout_secs", "imap.io_timeout_secs"],
+        "{p:?}"
+    );
+    let text = GOOD.replace(
+        "data_dir = \"data\"",
+        "data_dir = \"data\"\n[imap]\nmax_sessions = 18446744073709551615",
+    );
+    let c = Config::parse(Path::new("/x/test.toml"), &text, &env()).unwrap();
+    assert_eq!(c.imap.max_sessions, 4096);
+}

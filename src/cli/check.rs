@@ -179,7 +179,7 @@ async fn check_mailbox(
                     "{} token for credential {}{}",
                     login.mechanism(),
                     mb.credential,
-                    exp.map(|e| format!(", valid for {} min", (e - chrono::Utc::now().timestamp()) / 60)).unwrap_or_default()
+                    exp.map(|e| format!(", valid for {} min", e.saturating_sub(chrono::Utc::now().timestamp()) / 60)).unwrap_or_default()
                 )
             }
             None => format!("{} with a stored password", login.mechanism()),
