@@ -158,9 +158,7 @@ impl RawStore {
     /// Stores bytes whose digest the caller already computed.
     pub fn put_with_digest(&self, bytes: &[u8], digest: Sha256Digest) -> Result<(), StoreError> {
         let dest = self.path_of(&digest);
-        if let Ok(meta) = fs::metadata(&dest)
-            && meta.len() == bytes.len() as u64
-        {
+        if already_stored(&dest, bytes.len()) {
             return Ok(());
         }
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -218,9 +216,7 @@ impl RawStore {
         staged: &mut Staged,
     ) -> Result<(), StoreError> {
         let dest = self.path_of(&digest);
-        if let Ok(meta) = fs::metadata(&dest)
-            && meta.len() == bytes.len() as u64
-        {
+        if already_stored(&dest, bytes.len()) {
             return Ok(());
         }
         let tmp = self.tmp_path(&digest);
@@ -363,6 +359,25 @@ impl RawStore {
             source,
         })
     }
+}
+
+/// Whether a blob of this length is already stored under `dest`; if so its modification time is
+/// set to now. `registry gc` deletes only unreferenced blobs older than its minimum age, so an
+/// old orphan (a crash between write and commit, long ago) that a new message is about to refer
+/// to must look new, or gc could delete it between this check and the commit. A blob whose time
+/// cannot be set (removed meanwhile) counts as not stored and is written again.
+fn already_stored(dest: &Path, len: usize) -> bool {
+    let Ok(meta) = fs::metadata(dest) else {
+        return false;
+    };
+    if meta.len() != len as u64 {
+        return false;
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .is_ok()
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -532,6 +547,43 @@ fn sync_filesystem<'a>(_handle: &File, paths: impl Iterator<Item = &'a PathBuf>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storing_bytes_that_are_there_already_makes_the_blob_look_new_to_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let digest = store.put(b"an orphan from long ago").unwrap();
+        let path = store.path_of(&digest);
+        let age = |p: &Path| {
+            fs::metadata(p)
+                .unwrap()
+                .modified()
+                .unwrap()
+                .elapsed()
+                .unwrap_or_default()
+        };
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 86400);
+        let set_old = || {
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap()
+        };
+        set_old();
+        assert!(age(&path).as_secs() > 2 * 86400);
+        store.put(b"an orphan from long ago").unwrap();
+        assert!(age(&path).as_secs() < 60, "put refreshed it");
+        set_old();
+        let mut staged = store.staging().unwrap();
+        store
+            .stage(b"an orphan from long ago", digest, &mut staged)
+            .unwrap();
+        assert!(staged.is_empty(), "nothing new to write");
+        assert!(age(&path).as_secs() < 60, "stage refreshed it");
+        assert_eq!(store.get(&digest).unwrap(), b"an orphan from long ago");
+    }
 
     #[test]
     fn put_is_content_addressed_durable_and_idempotent() {

@@ -82,14 +82,25 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
     let store = RawStore::open(&config.data_dir)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     let registry = Registry::open(&config.database_url).await?;
+    // Blobs first, references second: a blob listed here whose record commits meanwhile is in
+    // the references read after it. A worker that reuses a stored blob makes it young first
+    // (`RawStore` sets its time), and its age is read again just before it is deleted.
+    let blobs = store.list()?;
     let referenced = registry.referenced_blobs().await?;
     registry.close().await;
     let (mut count, mut bytes, mut young) = (0usize, 0u64, 0usize);
-    for blob in store.list()? {
+    for blob in blobs {
         if referenced.contains(&blob.digest.to_hex()) {
             continue;
         }
-        if blob.age < min_age {
+        let age_now = std::fs::metadata(&blob.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok());
+        let Some(age_now) = age_now else {
+            continue; // gone meanwhile
+        };
+        if blob.age < min_age || age_now < min_age {
             young += 1;
             continue;
         }
