@@ -1,5 +1,6 @@
 //! Crash injection for the crash-point tests: `MAILINTAKE_FAILPOINT=<point>[:<n>]` makes the
-//! process kill itself with SIGKILL the n-th time (default: first) it passes `<point>`.
+//! process kill itself with SIGKILL the n-th time (default: first) it passes `<point>`;
+//! `panic@<point>[:<n>]` makes it panic there instead (a bug, as the scheduler sees one).
 //!
 //! Points: `after-fetch` (a batch fetched, nothing stored), `after-raw-write` (raw blob durable,
 //! not committed), `after-commit` (registration committed, not acknowledged), `mid-batch` (the
@@ -36,10 +37,17 @@ pub fn hit(point: &str) {
     let Some((name, nth)) = spec() else {
         return;
     };
+    let (panics, name) = match name.strip_prefix("panic@") {
+        Some(name) => (true, name),
+        None => (false, name.as_str()),
+    };
     if name != point {
         return;
     }
     if HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+        if panics {
+            panic!("failpoint {point}: panic");
+        }
         eprintln!("failpoint {point}: SIGKILL");
         // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
         unsafe {

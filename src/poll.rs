@@ -79,6 +79,10 @@ pub enum PollError {
         mailbox: String,
         source: IngestError,
     },
+    /// The poll panicked (a bug). What it committed stays committed; what it did not is still
+    /// unseen on the server, and the next poll takes it up again.
+    #[error("mailbox {mailbox}: the poll failed with an internal error (a bug): {detail}")]
+    Panicked { mailbox: String, detail: String },
 }
 
 impl PollError {
@@ -87,7 +91,7 @@ impl PollError {
             PollError::Credential { source, .. } => source.is_transient(),
             PollError::Imap { source, .. } => source.is_transient(),
             PollError::Registry { source, .. } => source.is_transient(),
-            PollError::Ingest { .. } => false,
+            PollError::Ingest { .. } | PollError::Panicked { .. } => false,
         }
     }
 }

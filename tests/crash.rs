@@ -354,6 +354,28 @@ async fn database_unreachable_mid_run_acks_nothing_uncommitted_and_the_next_run_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_that_panics_is_reported_and_leaves_nothing_half_done() {
+    let db = TestDb::sqlite();
+    let mut bed = bed(&db).await;
+    bed.imap_extra = "batch_max_messages = 4".into();
+    bed.configure(&[mailbox()]);
+    for raw in messages(6, 2_000) {
+        bed.dovecot.deliver(USER, "INBOX", &raw).unwrap();
+    }
+    // A bug after the second registration's commit, before its acknowledgement.
+    let out = bed
+        .run_once_env(&[("MAILINTAKE_FAILPOINT", "panic@after-commit:2")])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("internal error"), "{}", text(&out));
+    assert_no_ack_without_commit(&bed).await;
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "recovery run: {}", text(&out));
+    assert_eq!(reconcile(&bed).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_database_disk_is_not_held_against_the_message() {
     let tmpfs = match common::tmpfs::Tmpfs::mount("6m") {
         Ok(t) => t,

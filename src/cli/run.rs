@@ -88,11 +88,33 @@ pub async fn once(config: Config) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
+/// How often a running service logs the credentials that expire soon.
+const EXPIRY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Runs until SIGINT or SIGTERM.
 pub async fn forever(config: Config) -> anyhow::Result<()> {
     let ctx = context(config).await?;
     tracing::info!(mailboxes = ctx.config.mailboxes.len(), "mailintake running");
+    // Expiring secrets, certificates and refresh tokens were logged at start; a service runs
+    // for months, so they are looked at again every day.
+    let expiry = {
+        let config = Arc::clone(&ctx.config);
+        let tokens = config
+            .token_key
+            .clone()
+            .map(|key| crate::credentials::TokenStore::new(ctx.pipeline.registry.clone(), key));
+        tokio::spawn(async move {
+            let mut daily = tokio::time::interval(EXPIRY_CHECK_EVERY);
+            daily.tick().await; // the first tick is now: done by `context`
+            loop {
+                daily.tick().await;
+                let notices = crate::credentials::expiry::notices(&config, tokens.as_ref()).await;
+                crate::credentials::expiry::log_due(&notices);
+            }
+        })
+    };
     scheduler::run_forever(&ctx, shutdown_signal()).await;
+    expiry.abort();
     ctx.pipeline.registry.close().await;
     Ok(())
 }
