@@ -714,9 +714,15 @@ impl Batch<'_, '_> {
             tokio::spawn(async move { prepare(&pipeline, raw, &source).await })
         });
         let mut index = 0;
+        // Prepared (their attempt counted) and not committed when the loop stopped early.
+        let mut uncommitted = Vec::new();
+        let mut stopped = Ok(());
         while let Some((uid, source, result)) = queue.next(pipeline).await {
             if cancel.is_cancelled() {
                 outcomes.report.interrupted = true;
+                if result.is_ok() {
+                    uncommitted.push(source);
+                }
                 break;
             }
             let result = match result {
@@ -724,14 +730,32 @@ impl Batch<'_, '_> {
                 Err(e) => Err(e),
             };
             let ok = result.is_ok();
-            outcomes.note(uid, result)?;
+            if let Err(e) = outcomes.note(uid, result) {
+                stopped = Err(e);
+                break;
+            }
             if ok && index == self.middle && self.size >= 3 {
                 failpoint::hit("mid-batch");
             }
             index += 1;
         }
-        // Stopped early (shutdown): preparations still running only leave harmless blobs.
-        Ok(())
+        // Stopped early (shutdown, disk full, database gone): the preparations still running
+        // end, and the attempts of every message prepared and not committed are taken back.
+        // That was not their fault; counted, three such stops would quarantine good mail as
+        // poison. (A preparation that failed took its own attempt back or kept it rightly.)
+        for (_, source, result) in queue.finish().await {
+            if result.is_ok() {
+                uncommitted.push(source);
+            }
+        }
+        for source in &uncommitted {
+            if let Some(loc) = source.origin.location()
+                && let Err(e) = pipeline.registry.forget_attempt(loc).await
+            {
+                tracing::warn!(uid = loc.uid, error = %e, "could not take back a processing attempt");
+            }
+        }
+        stopped
     }
 
     /// Prepares a batch that will be committed as one: every blob staged (not yet durable),
@@ -1008,6 +1032,14 @@ async fn process_batches_pipelined(
         finish(p, uidvalidity, committing.take(), report, registered).await
     }
     .await;
+    // An error returned from the loop may have left the previous batch's commit running: it
+    // ends (its outcomes noted, its uncommitted attempts taken back) instead of being dropped
+    // mid-transaction with its attempts counted.
+    if committing.is_some()
+        && let Err(e) = finish(p, uidvalidity, committing.take(), report, registered).await
+    {
+        tracing::warn!(mailbox = %mb.id, error = %e, "the batch committing when the poll stopped did not commit");
+    }
     // Acknowledge what committed, whatever stopped the loop.
     if let Err(e) = request_acks_later(&acks, &mut ack_reply, report).await {
         tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run");
@@ -1170,11 +1202,24 @@ impl<T, S: FnMut(Received) -> Spawned<T>> InOrder<T, S> {
         };
         Some((uid, source, result))
     }
+
+    /// Lets the preparations already started end, and returns them; those not started yet are
+    /// dropped (nothing of them was counted or stored).
+    async fn finish(mut self) -> Vec<(u32, Source, Result<T, IngestError>)> {
+        let mut out = Vec::new();
+        while let Some((uid, source, handle)) = self.in_flight.pop_front() {
+            if let Ok(result) = handle.await {
+                out.push((uid, source, result));
+            }
+        }
+        out
+    }
 }
 
 impl<T, S> Drop for InOrder<T, S> {
     fn drop(&mut self) {
-        // Stopped early: preparations still running only leave harmless blobs.
+        // Dropped without `finish` (the poll itself was dropped): preparations still running
+        // only leave harmless blobs.
         for (_, _, handle) in &self.in_flight {
             handle.abort();
         }

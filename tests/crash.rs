@@ -375,6 +375,78 @@ async fn a_poll_that_panics_is_reported_and_leaves_nothing_half_done() {
     assert_eq!(reconcile(&bed).await, 6);
 }
 
+/// Messages prepared beside the one that hit a full disk did not commit either: more runs on the
+/// full disk than `max_attempts` must not turn them into poison.
+async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: &str) {
+    let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "disk full, parallel: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
+            );
+            return;
+        }
+    };
+    let db = TestDb::sqlite();
+    let mut bed = bed(&db).await;
+    bed.imap_extra = "parallel_messages = 4\nbatch_max_messages = 4".into();
+    bed.tables = format!("[registry]\ncommit = \"{commit}\"\n");
+    bed.configure(&[mailbox()]);
+    let config = std::fs::read_to_string(&bed.config).unwrap();
+    let data_line = config.lines().next().unwrap().to_owned();
+    let config = config.replacen(
+        &data_line,
+        &format!("data_dir = \"{}\"", tmpfs.path().display()),
+        1,
+    );
+    std::fs::write(&bed.config, config).unwrap();
+    let mut msgs = messages(1, 20_000);
+    msgs.push(messages(2, 4_000_000).pop().unwrap()); // does not fit in 3 MB
+    msgs.extend(messages(7, 20_000).into_iter().skip(2));
+    for raw in &msgs {
+        bed.dovecot.deliver(USER, "INBOX", raw).unwrap();
+    }
+    for run in 1..=4 {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "run {run}: {}", text(&out));
+        assert_no_ack_without_commit(&bed).await;
+    }
+    tmpfs.resize("64m");
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = bed.registry().await.list(None, 100).await.unwrap();
+    assert_eq!(rows.len(), 7);
+    let poison: Vec<_> = rows
+        .iter()
+        .filter(|r| r.status != Status::Registered)
+        .map(|r| (r.id, r.reason_code.clone()))
+        .collect();
+    assert!(poison.is_empty(), "quarantined: {poison:?}");
+    let store = mailintake::raw_store::RawStore::open(tmpfs.path()).unwrap();
+    let served = bed.served(USER, CLIENT).await;
+    for r in &rows {
+        let raw = store
+            .get(&Sha256Digest::from_hex(&r.raw_sha256).unwrap())
+            .unwrap();
+        assert!(
+            served.values().any(|s| *s == raw),
+            "record {}: raw bytes differ from the server's",
+            r.id
+        );
+    }
+    assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_nothing_against_messages_prepared_beside_per_message() {
+    a_full_disk_holds_nothing_against_the_messages_prepared_beside("message").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_nothing_against_messages_prepared_beside_per_batch() {
+    a_full_disk_holds_nothing_against_the_messages_prepared_beside("batch").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_database_disk_is_not_held_against_the_message() {
     let tmpfs = match common::tmpfs::Tmpfs::mount("6m") {
