@@ -87,7 +87,13 @@ pub async fn notices(config: &Config, store: Option<&TokenStore>) -> Vec<Notice>
             }),
             CredentialConfig::Delegated(_) => {
                 let Some(store) = store else { continue };
-                if let Ok(Some(token)) = store.load(name).await
+                let loaded = store.load(name).await.unwrap_or_else(|e| {
+                    // A token that cannot be read (the key changed, the database is down)
+                    // has no known expiry: said, not skipped silently.
+                    tracing::warn!(credential = %name, error = %e, "cannot read the stored refresh token to check when it expires");
+                    None
+                });
+                if let Some(token) = loaded
                     && let Ok(used) = DateTime::parse_from_rfc3339(&token.last_used_at)
                 {
                     let expires =
