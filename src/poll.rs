@@ -208,6 +208,20 @@ async fn poll_session(
 ) -> Result<PollReport, PollError> {
     let mb = p.mb;
     let registry = &p.ctx.pipeline.registry;
+    // A `move:` the server cannot perform safely fails the poll before anything is registered:
+    // registered first, the messages would wait forever on acknowledgements that cannot happen.
+    for after in [&mb.after, &mb.after_quarantine] {
+        if let AfterAction::Move(folder) = after
+            && !session.can_move()
+        {
+            return Err(PollError::Imap {
+                mailbox: mb.id.clone(),
+                source: crate::imap::ImapError::CannotMove {
+                    folder: folder.clone(),
+                },
+            });
+        }
+    }
     let selecting = std::time::Instant::now();
     let selected = session.select(&mb.folder).await.map_err(p.imap())?;
     tracing::debug!(mailbox = %mb.id, ms = selecting.elapsed().as_secs_f64() * 1e3, "folder selected");

@@ -559,6 +559,74 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     );
 }
 
+/// Makes the test Dovecot advertise only `caps` after login (it still understands every
+/// command; mailintake goes by what is advertised).
+fn advertise_only(bed: &Bed, caps: &str) {
+    let conf = bed.dovecot.conf_path();
+    let mut text = std::fs::read_to_string(conf).unwrap();
+    text.push_str(&format!("\nimap_capability = {caps}\n"));
+    std::fs::write(conf, text).unwrap();
+    bed.dovecot.doveadm(&["reload"], None).unwrap();
+    // The reload is asynchronous: wait until a new login sees the new list.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+}
+
+/// Without MOVE, a move is a copy, `\Deleted` and `UID EXPUNGE` of exactly those UIDs (UIDPLUS).
+/// With neither, `move:` fails the poll before anything is registered, with the reason and the
+/// fix, and nothing is copied: a plain EXPUNGE would remove other clients' deleted mail too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_move_the_fallback_needs_uidplus_and_says_so() {
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    mb.after = "move:Registered";
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    let base = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ NAMESPACE UNSELECT";
+    advertise_only(&bed, base);
+    for (_, raw) in &fixtures {
+        bed.dovecot.deliver(PODATELNA, "INBOX", raw).unwrap();
+    }
+    for run in 1..=2 {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "run {run}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("neither MOVE nor UIDPLUS"),
+            "{}",
+            text(&out)
+        );
+        assert!(stderr.contains("after = \"seen\""), "{}", text(&out));
+        assert!(
+            bed.registry()
+                .await
+                .list(None, 100)
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing registered before the poll can acknowledge"
+        );
+        assert!(
+            bed.dovecot
+                .uids(PODATELNA, "Registered")
+                .map(|u| u.is_empty())
+                .unwrap_or(true),
+            "nothing copied"
+        );
+    }
+
+    // With UIDPLUS: copied, `\Deleted`, then exactly these UIDs expunged.
+    advertise_only(&bed, &format!("{base} UIDPLUS"));
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let n = fixtures.len();
+    assert_eq!(bed.registry().await.list(None, 100).await.unwrap().len(), n);
+    assert_eq!(bed.dovecot.uids(PODATELNA, "Registered").unwrap().len(), n);
+    assert!(bed.dovecot.uids(PODATELNA, "INBOX").unwrap().is_empty());
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(bed.dovecot.uids(PODATELNA, "Registered").unwrap().len(), n);
+}
+
 /// An acknowledgement the server refuses (a tagged NO: here a MOVE into a folder it cannot
 /// create) is an error, kept pending, and does not stop intake: the next poll still registers
 /// new mail. The old stream-draining STORE/MOVE path could not tell a NO from success.

@@ -47,6 +47,14 @@ pub enum ImapError {
     NoUidValidity { folder: String },
     #[error("the server did not return UIDs {missing:?} that it listed a moment ago")]
     FetchIncomplete { missing: Vec<u32> },
+    /// Without MOVE, moving needs UID EXPUNGE (UIDPLUS): a plain EXPUNGE would also remove
+    /// mail other clients marked `\Deleted`.
+    #[error(
+        "cannot move to {folder:?}: the server supports neither MOVE nor UIDPLUS, so only a plain \
+         EXPUNGE could remove the originals, and it would also remove mail other clients marked \
+         deleted; nothing was copied. Use after = \"seen\" for this mailbox"
+    )]
+    CannotMove { folder: String },
 }
 
 impl ImapError {

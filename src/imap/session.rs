@@ -77,6 +77,8 @@ pub struct MailSession {
     session: async_imap::Session<ImapStream>,
     io_timeout: Duration,
     has_move: bool,
+    /// UIDPLUS (RFC 4315): `UID EXPUNGE`, for moving without MOVE.
+    has_uidplus: bool,
 }
 
 /// A one-step SASL exchange: our response to the first (empty) challenge; on failure the server
@@ -338,6 +340,7 @@ impl MailSession {
             session,
             io_timeout,
             has_move: false,
+            has_uidplus: false,
         };
         let caps = within(
             "CAPABILITY",
@@ -347,6 +350,7 @@ impl MailSession {
         )
         .await?;
         session.has_move = caps.has_str("MOVE");
+        session.has_uidplus = caps.has_str("UIDPLUS");
         client_drop_unsolicited(&mut session.session);
         Ok(session)
     }
@@ -489,13 +493,25 @@ impl MailSession {
         Ok(())
     }
 
+    /// Whether [`MailSession::move_to`] can move messages here: MOVE, or UIDPLUS for
+    /// copy + `UID EXPUNGE`.
+    pub fn can_move(&self) -> bool {
+        self.has_move || self.has_uidplus
+    }
+
     /// Moves messages to `folder` (RFC 6851 `UID MOVE`; where the server lacks MOVE, copy then
-    /// mark `\Deleted` and `UID EXPUNGE` exactly those UIDs).
+    /// mark `\Deleted` and `UID EXPUNGE` exactly those UIDs, which needs UIDPLUS: without
+    /// either, nothing is copied and [`ImapError::CannotMove`] says why).
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
         if uids.is_empty() {
             return Ok(());
         }
         let set = uid_set::format(uids);
+        if !self.has_move && !self.has_uidplus {
+            return Err(ImapError::CannotMove {
+                folder: folder.to_owned(),
+            });
+        }
         if self.has_move {
             within(
                 "UID MOVE",
