@@ -319,6 +319,70 @@ async fn delegated_authorization_code_with_pkce_then_refresh_rotation_survives_a
     );
 }
 
+/// A rotating provider revokes the old refresh token when it issues a new one. If the store
+/// cannot take the new one (database locked, disk full), the access token is still used and the
+/// new refresh token is kept in memory: the next refresh uses it, and it is stored once the
+/// store takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
+    use sqlx::Connection as _;
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let first = stored_refresh_token(&bed).await.unwrap();
+    let mut db = sqlx::SqliteConnection::connect(&bed.database_url())
+        .await
+        .unwrap();
+    for event in ["INSERT", "UPDATE"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TRIGGER refuse_token_{event} BEFORE {event} ON credential_tokens \
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+        )))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    let config = mailintake::config::Config::load(&bed.config).unwrap();
+    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
+    let credentials =
+        mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
+    // Two refreshes while the store refuses: each rotates, the second with the token the first
+    // got (the stored one is revoked by then).
+    for round in 1..=2 {
+        credentials.invalidate("user").await;
+        let login = credentials.login("user", USER).await;
+        assert!(login.is_ok(), "round {round}: {:?}", login.err());
+    }
+    assert_eq!(
+        stored_refresh_token(&bed).await.as_deref(),
+        Some(first.as_str())
+    );
+    assert!(
+        !bed.idp
+            .live_refresh_tokens("client-desktop")
+            .contains(&first),
+        "the stored one is revoked"
+    );
+    for event in ["INSERT", "UPDATE"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TRIGGER refuse_token_{event}"
+        )))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    credentials.invalidate("user").await;
+    credentials.login("user", USER).await.unwrap();
+    let stored = stored_refresh_token(&bed).await.unwrap();
+    assert_eq!(
+        bed.idp.live_refresh_tokens("client-desktop"),
+        vec![stored],
+        "the newest refresh token is the stored one"
+    );
+    // And a new process (a restart) goes on with it.
+    registers_one(&bed).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_device_code_for_headless_servers() {
     let bed = delegated_bed("entra-delegated", "http://localhost/").await;

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use super::entra::{EntraErrorResponse, error_chain, token_result};
 use super::{CachedToken, CredentialError, TokenStore, diagnose};
 use crate::config::{DelegatedConfig, OAuthSasl};
+use crate::secret::Secret;
 
 type DelegatedClient = oauth2::Client<
     EntraErrorResponse,
@@ -50,6 +51,10 @@ pub(super) struct Delegated {
     client: DelegatedClient,
     http: oauth2::reqwest::Client,
     store: Option<TokenStore>,
+    /// A rotated refresh token the store refused (database locked, disk full): the newest one,
+    /// used for the next refresh instead of the stored one (which a rotating provider has
+    /// revoked) and stored as soon as the store takes it.
+    unsaved: std::sync::Mutex<Option<Secret>>,
 }
 
 impl Delegated {
@@ -93,6 +98,7 @@ impl Delegated {
             client,
             http,
             store,
+            unsaved: std::sync::Mutex::new(None),
         })
     }
 
@@ -115,26 +121,50 @@ impl Delegated {
     /// stored one before the access token is handed out.
     pub(super) async fn refresh(&self) -> Result<CachedToken, CredentialError> {
         let store = self.store()?;
-        let stored =
-            store
-                .load(&self.credential)
-                .await?
-                .ok_or_else(|| CredentialError::NotLoggedIn {
-                    credential: self.credential.clone(),
-                })?;
+        let unsaved = self.unsaved.lock().ok().and_then(|slot| slot.clone());
+        let current = match &unsaved {
+            Some(token) => token.clone(),
+            None => {
+                store
+                    .load(&self.credential)
+                    .await?
+                    .ok_or_else(|| CredentialError::NotLoggedIn {
+                        credential: self.credential.clone(),
+                    })?
+                    .refresh_token
+            }
+        };
         let started = Instant::now();
         let result = self
             .client
-            .exchange_refresh_token(&RefreshToken::new(stored.refresh_token.expose().to_owned()))
+            .exchange_refresh_token(&RefreshToken::new(current.expose().to_owned()))
             .add_scopes(self.scopes())
             .request_async(&self.http)
             .await;
         let fresh = token_result(&self.credential, &self.cfg.token_url, started, result)?;
-        match &fresh.refresh_token {
-            Some(rotated) => {
-                store.save(&self.credential, rotated.expose(), None).await?;
-                tracing::info!(credential = %self.credential, "refresh token rotated and stored");
-            }
+        // The newest refresh token: rotated now, or rotated earlier and not stored yet.
+        match fresh.refresh_token.as_ref().or(unsaved.as_ref()) {
+            Some(newest) => match store.save(&self.credential, newest.expose(), None).await {
+                Ok(()) => {
+                    if let Ok(mut slot) = self.unsaved.lock() {
+                        *slot = None;
+                    }
+                    tracing::info!(credential = %self.credential, "refresh token rotated and stored");
+                }
+                // The access token is good, and the newest refresh token must not be lost with
+                // this error: kept in memory, used and stored again at the next refresh.
+                Err(e) => {
+                    if let Ok(mut slot) = self.unsaved.lock() {
+                        *slot = Some(newest.clone());
+                    }
+                    tracing::error!(
+                        credential = %self.credential,
+                        error = %e,
+                        "the rotated refresh token could not be stored; it is kept in memory and \
+                         stored at the next refresh (a restart before then may need `mailintake auth login`)"
+                    );
+                }
+            },
             // Only a "last used" time: a failure to write it must not cost the token.
             None => {
                 if let Err(e) = store.touch(&self.credential).await {
