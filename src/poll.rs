@@ -282,6 +282,22 @@ async fn poll_session(
     let mut registered: HashSet<u32> = done;
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
+        // A message the client cannot hold in one response is not fetched: trying would fail
+        // the fetch at every poll and stop every message behind it. It is reported (run --once
+        // exits 1) and left unseen on the server, which keeps it, for a person to handle.
+        let (sizes, too_large): (Vec<_>, Vec<_>) = sizes
+            .into_iter()
+            .partition(|(_, size)| u64::from(*size) <= crate::imap::MAX_FETCH_BYTES);
+        for (uid, size) in too_large {
+            tracing::error!(mailbox = %mb.id, uid, size, "message too large to fetch; left unseen on the server");
+            report.failed.push((
+                uid,
+                format!(
+                    "{size} bytes, more than one fetch can hold ({} MiB): left unseen on the server, untouched",
+                    crate::imap::MAX_FETCH_BYTES >> 20
+                ),
+            ));
+        }
         let tuning = &p.ctx.config.imap;
         let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
         // The next batches are fetched while this one is processed. Memory is bounded by bytes:

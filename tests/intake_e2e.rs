@@ -559,6 +559,44 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     );
 }
 
+/// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is not
+/// fetched: reported with its size, left unseen on the server, and the messages around it are
+/// registered. Fetching it would fail the connection at every poll and stall the mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_to_fetch_is_reported_and_does_not_stall_the_others() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    let fixtures = fixtures();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let mut huge =
+        b"From: a@example.cz\r\nTo: podatelna@urad.example\r\nSubject: huge\r\n\r\n".to_vec();
+    let line = [b'A'; 998];
+    while huge.len() < 513 * 1024 * 1024 {
+        huge.extend_from_slice(&line);
+        huge.extend_from_slice(b"\r\n");
+    }
+    let huge_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &huge).unwrap();
+    drop(huge);
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    let out = bed.run_once().await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("UID {huge_uid}"))
+            && stderr.contains("more than one fetch can hold"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(bed.registry().await.list(None, 10).await.unwrap().len(), 2);
+    let seen = bed.seen(PODATELNA, "INBOX");
+    assert_eq!(seen.get(&huge_uid), Some(&false), "{seen:?}");
+    assert_eq!(seen.values().filter(|s| **s).count(), 2, "{seen:?}");
+}
+
 /// Makes the test Dovecot advertise only `caps` after login (it still understands every
 /// command; mailintake goes by what is advertised).
 fn advertise_only(bed: &Bed, caps: &str) {

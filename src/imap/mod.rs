@@ -57,6 +57,10 @@ pub enum ImapError {
     CannotMove { folder: String },
 }
 
+/// The largest message fetched: async-imap holds one response in a buffer of at most 512 MiB,
+/// and a larger one fails the connection (less 1 MiB for the response around the literal).
+pub const MAX_FETCH_BYTES: u64 = 511 * 1024 * 1024;
+
 impl ImapError {
     /// True for failures that say nothing about the configuration: network, timeouts, server
     /// restarts, the server's auth backend being down. The next poll will try again.
