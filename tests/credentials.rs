@@ -319,6 +319,44 @@ async fn delegated_authorization_code_with_pkce_then_refresh_rotation_survives_a
     );
 }
 
+/// Any local process can reach the login's loopback listener: an error answer without this
+/// login's `state` is turned away and the login goes on; the real answer then signs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_error_answer_does_not_end_the_login() {
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
+    let mut login = Interactive::spawn(&bed, &["auth", "login", "podatelna"]);
+    let url = login.until(|l| l.trim().starts_with("http").then(|| l.trim().to_owned()));
+    let redirect_uri = oauth2::url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    let http = oauth2::reqwest::Client::builder()
+        .redirect(oauth2::reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for forged in ["error=access_denied&state=forged", "error=access_denied"] {
+        let answer = http
+            .get(format!("{redirect_uri}?{forged}&error_description=no"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 400, "{forged}");
+        assert!(answer.text().await.unwrap().contains("does not belong"));
+    }
+    let answer = http.get(&url).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 302);
+    let location = answer.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(
+        http.get(&location).send().await.unwrap().status().as_u16(),
+        200
+    );
+    let (status, stdout, stderr) = login.finish().await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    registers_one(&bed).await;
+}
+
 /// A rotating provider revokes the old refresh token when it issues a new one. If the store
 /// cannot take the new one (database locked, disk full), the access token is still used and the
 /// new refresh token is kept in memory: the next refresh uses it, and it is stored once the

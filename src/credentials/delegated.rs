@@ -253,7 +253,11 @@ impl Delegated {
                     redirect_uri.as_str(),
                     LOGIN_WAIT.as_secs() / 60
                 ))
-            })??;
+            })?
+            .map_err(|e| match e {
+                CredentialError::Login { detail, .. } => fail(detail),
+                other => other,
+            })?;
         let mut exchange = self
             .client
             .exchange_code(AuthorizationCode::new(code))
@@ -359,6 +363,13 @@ async fn wait_for_code(listener: &TcpListener, state: &str) -> Result<String, Cr
                 Some(Ok(code)),
             ),
             (Some(_), _) => (
+                "400 Bad Request",
+                "The sign-in answer does not belong to this login (state mismatch).",
+                None,
+            ),
+            // An error answer ends the login only with this login's `state` (RFC 6749
+            // 4.1.2.1): any local process can reach the loopback listener.
+            (None, Some(_)) if get("state").as_deref() != Some(state) => (
                 "400 Bad Request",
                 "The sign-in answer does not belong to this login (state mismatch).",
                 None,
