@@ -91,6 +91,11 @@ impl PollError {
             PollError::Credential { source, .. } => source.is_transient(),
             PollError::Imap { source, .. } => source.is_transient(),
             PollError::Registry { source, .. } => source.is_transient(),
+            // A database that went away mid-run is as temporary as at the start.
+            PollError::Ingest {
+                source: IngestError::Registry(e),
+                ..
+            } => e.is_transient(),
             PollError::Ingest { .. } | PollError::Panicked { .. } => false,
         }
     }
@@ -208,19 +213,20 @@ async fn poll_session(
 ) -> Result<PollReport, PollError> {
     let mb = p.mb;
     let registry = &p.ctx.pipeline.registry;
-    // A `move:` the server cannot perform safely fails the poll before anything is registered:
-    // registered first, the messages would wait forever on acknowledgements that cannot happen.
-    for after in [&mb.after, &mb.after_quarantine] {
-        if let AfterAction::Move(folder) = after
-            && !session.can_move()
-        {
-            return Err(PollError::Imap {
-                mailbox: mb.id.clone(),
-                source: crate::imap::ImapError::CannotMove {
-                    folder: folder.clone(),
-                },
-            });
-        }
+    // An `after = "move:…"` the server cannot perform safely fails the poll before anything is
+    // registered: registered first, every message would wait on an acknowledgement that cannot
+    // happen. (A quarantine move is rare: its acknowledgement is kept and reported instead,
+    // without stopping intake.)
+    if let AfterAction::Move(folder) = &mb.after
+        && !session.can_move()
+    {
+        return Err(PollError::Imap {
+            mailbox: mb.id.clone(),
+            source: crate::imap::ImapError::CannotMove {
+                folder: folder.clone(),
+                key: "after",
+            },
+        });
     }
     let selecting = std::time::Instant::now();
     let selected = session.select(&mb.folder).await.map_err(p.imap())?;
@@ -1032,9 +1038,11 @@ async fn process_batches_pipelined(
                 previous_commit_wait_ms = prepared.elapsed().as_secs_f64() * 1e3,
                 "batch prepared"
             );
-            if previous.is_ok() {
-                request_acks_later(&acks, &mut ack_reply, report).await?;
-            }
+            // An error here must not skip the taking back of this batch's attempts below.
+            let previous = match previous {
+                Ok(()) => request_acks_later(&acks, &mut ack_reply, report).await,
+                Err(e) => Err(e),
+            };
             let stop = match (previous, staged) {
                 (Err(e), _) => Some(e),
                 (Ok(()), Err(source)) => Some(PollError::Ingest {
@@ -1346,6 +1354,18 @@ async fn drain_acks(
         moved |= matches!(after, Some(AfterAction::Move(_)));
         let performed = match after {
             Some(AfterAction::Seen) => session.mark_seen(&uids).await,
+            // A move recorded before the server could not move (or before the configuration
+            // changed): refused below like a NO, so that intake goes on.
+            Some(AfterAction::Move(target)) if !session.can_move() => {
+                let key = match &p.mb.after_quarantine {
+                    AfterAction::Move(q) if *q == target => "after_quarantine",
+                    _ => "after",
+                };
+                Err(crate::imap::ImapError::CannotMove {
+                    folder: target,
+                    key,
+                })
+            }
             Some(AfterAction::Move(target)) => match session.ensure_folder(&target).await {
                 Ok(()) => session.move_to(&uids, &target).await,
                 Err(e) => Err(e),
@@ -1370,6 +1390,20 @@ async fn drain_acks(
                 );
                 if let Ok(mut refused) = p.refused_acks.lock() {
                     let why = format!("{step}: the server said NO: {text}");
+                    refused.extend(uids.iter().map(|u| (*u, why.clone())));
+                }
+                continue;
+            }
+            Err(e @ crate::imap::ImapError::CannotMove { .. }) => {
+                tracing::error!(
+                    mailbox = %p.mb.id,
+                    action = %action,
+                    uids = %crate::imap::uid_set::format(&uids),
+                    error = %e,
+                    "the acknowledgement cannot be performed; it is kept for the next poll"
+                );
+                if let Ok(mut refused) = p.refused_acks.lock() {
+                    let why = e.to_string();
                     refused.extend(uids.iter().map(|u| (*u, why.clone())));
                 }
                 continue;

@@ -609,6 +609,53 @@ fn advertise_only(bed: &Bed, caps: &str) {
     std::thread::sleep(std::time::Duration::from_millis(500));
 }
 
+/// A capability list with neither MOVE nor UIDPLUS.
+const WITHOUT_MOVE: &str =
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ NAMESPACE UNSELECT";
+
+/// A move recorded while the server could move (here: pending after a crash), then the server
+/// can no longer move and the administrator switched to `after = "seen"`: the move is kept and
+/// reported, and intake goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_move_the_server_can_no_longer_do_is_reported_and_intake_goes_on() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let bed = bed_with_apps().await;
+    let mut mb = podatelna();
+    mb.after = "move:Registered";
+    bed.configure(&[mb]);
+    let fixtures = fixtures();
+    let first = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let out = bed
+        .run_once_env(&[("MAILINTAKE_FAILPOINT", "after-commit")])
+        .await;
+    assert_eq!(out.status.signal(), Some(9), "{}", text(&out));
+    advertise_only(&bed, WITHOUT_MOVE);
+    bed.configure(&[podatelna()]); // after = "seen"
+    let second = bed
+        .dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
+        .unwrap();
+    for run in 1..=2 {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "run {run}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "UID {first}: registered, but the acknowledgement was refused"
+            )) && stderr.contains("neither MOVE nor UIDPLUS"),
+            "run {run}: {}",
+            text(&out)
+        );
+        assert_eq!(bed.registry().await.list(None, 10).await.unwrap().len(), 2);
+        let seen = bed.seen(PODATELNA, "INBOX");
+        assert_eq!(seen.get(&second), Some(&true), "{seen:?}");
+        assert_eq!(seen.get(&first), Some(&false), "{seen:?}");
+    }
+}
+
 /// Without MOVE, a move is a copy, `\Deleted` and `UID EXPUNGE` of exactly those UIDs (UIDPLUS).
 /// With neither, `move:` fails the poll before anything is registered, with the reason and the
 /// fix, and nothing is copied: a plain EXPUNGE would remove other clients' deleted mail too.
@@ -619,7 +666,7 @@ async fn without_move_the_fallback_needs_uidplus_and_says_so() {
     mb.after = "move:Registered";
     bed.configure(&[mb]);
     let fixtures = fixtures();
-    let base = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ NAMESPACE UNSELECT";
+    let base = WITHOUT_MOVE;
     advertise_only(&bed, base);
     for (_, raw) in &fixtures {
         bed.dovecot.deliver(PODATELNA, "INBOX", raw).unwrap();

@@ -52,9 +52,9 @@ pub enum ImapError {
     #[error(
         "cannot move to {folder:?}: the server supports neither MOVE nor UIDPLUS, so only a plain \
          EXPUNGE could remove the originals, and it would also remove mail other clients marked \
-         deleted; nothing was copied. Use after = \"seen\" for this mailbox"
+         deleted; nothing was copied. Use {key} = \"seen\" for this mailbox"
     )]
-    CannotMove { folder: String },
+    CannotMove { folder: String, key: &'static str },
 }
 
 /// The largest message fetched: async-imap holds one response in a buffer of at most 512 MiB,

@@ -510,6 +510,7 @@ impl MailSession {
         if !self.has_move && !self.has_uidplus {
             return Err(ImapError::CannotMove {
                 folder: folder.to_owned(),
+                key: "after",
             });
         }
         if self.has_move {
