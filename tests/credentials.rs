@@ -421,6 +421,52 @@ async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
     registers_one(&bed).await;
 }
 
+/// A token kept in memory (the store refused it) gives way to a newer sign-in: an
+/// administrator's `auth login` stored meanwhile is what the next refresh uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sign_in_wins_over_a_refresh_token_kept_in_memory() {
+    use sqlx::Connection as _;
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let mut db = sqlx::SqliteConnection::connect(&bed.database_url())
+        .await
+        .unwrap();
+    let config = mailintake::config::Config::load(&bed.config).unwrap();
+    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
+    let credentials =
+        mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_token_update BEFORE UPDATE ON credential_tokens \
+         BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    credentials.login("user", USER).await.unwrap(); // rotated, kept in memory
+    let kept = bed.idp.live_refresh_tokens("client-desktop");
+    assert_eq!(kept.len(), 1);
+    sqlx::query("DROP TRIGGER refuse_token_update")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // Stored_at has one-second steps at most: make the new sign-in's visibly later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let signed_in = stored_refresh_token(&bed).await.unwrap();
+    credentials.invalidate("user").await;
+    credentials.login("user", USER).await.unwrap();
+    let live = bed.idp.live_refresh_tokens("client-desktop");
+    assert!(
+        !live.contains(&signed_in),
+        "the new sign-in's token was used (and rotated)"
+    );
+    assert!(live.contains(&kept[0]), "the kept one was not used");
+    let stored = stored_refresh_token(&bed).await.unwrap();
+    assert!(live.contains(&stored) && stored != kept[0], "{live:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegated_device_code_for_headless_servers() {
     let bed = delegated_bed("entra-delegated", "http://localhost/").await;

@@ -53,8 +53,9 @@ pub(super) struct Delegated {
     store: Option<TokenStore>,
     /// A rotated refresh token the store refused (database locked, disk full): the newest one,
     /// used for the next refresh instead of the stored one (which a rotating provider has
-    /// revoked) and stored as soon as the store takes it.
-    unsaved: std::sync::Mutex<Option<Secret>>,
+    /// revoked) and stored as soon as the store takes it; with the `stored_at` of the row it
+    /// replaces. A row stored since (a new `auth login`) wins over it.
+    unsaved: std::sync::Mutex<Option<(Secret, Option<String>)>>,
 }
 
 impl Delegated {
@@ -121,17 +122,26 @@ impl Delegated {
     /// stored one before the access token is handed out.
     pub(super) async fn refresh(&self) -> Result<CachedToken, CredentialError> {
         let store = self.store()?;
-        let unsaved = self.unsaved.lock().ok().and_then(|slot| slot.clone());
-        let current = match &unsaved {
-            Some(token) => token.clone(),
-            None => {
-                store
-                    .load(&self.credential)
-                    .await?
-                    .ok_or_else(|| CredentialError::NotLoggedIn {
-                        credential: self.credential.clone(),
-                    })?
-                    .refresh_token
+        let kept = self.unsaved.lock().ok().and_then(|slot| slot.clone());
+        let stored = match (store.load(&self.credential).await, &kept) {
+            (Ok(stored), _) => stored,
+            // The store cannot be read either: go on with the token kept in memory.
+            (Err(_), Some(_)) => None,
+            (Err(e), None) => return Err(e),
+        };
+        let stored_at = stored.as_ref().map(|s| s.stored_at.clone());
+        let unsaved = match kept {
+            // Unchanged since the rotation that could not be stored: the kept one is newer.
+            Some((token, replaces)) if stored.is_none() || replaces == stored_at => Some(token),
+            _ => None,
+        };
+        let current = match (&unsaved, stored) {
+            (Some(token), _) => token.clone(),
+            (None, Some(stored)) => stored.refresh_token,
+            (None, None) => {
+                return Err(CredentialError::NotLoggedIn {
+                    credential: self.credential.clone(),
+                });
             }
         };
         let started = Instant::now();
@@ -141,7 +151,18 @@ impl Delegated {
             .add_scopes(self.scopes())
             .request_async(&self.http)
             .await;
-        let fresh = token_result(&self.credential, &self.cfg.token_url, started, result)?;
+        let fresh = match token_result(&self.credential, &self.cfg.token_url, started, result) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Refused: the kept token is no better than the stored one any more.
+                if !e.is_transient()
+                    && let Ok(mut slot) = self.unsaved.lock()
+                {
+                    *slot = None;
+                }
+                return Err(e);
+            }
+        };
         // The newest refresh token: rotated now, or rotated earlier and not stored yet.
         match fresh.refresh_token.as_ref().or(unsaved.as_ref()) {
             Some(newest) => match store.save(&self.credential, newest.expose(), None).await {
@@ -155,7 +176,7 @@ impl Delegated {
                 // this error: kept in memory, used and stored again at the next refresh.
                 Err(e) => {
                     if let Ok(mut slot) = self.unsaved.lock() {
-                        *slot = Some(newest.clone());
+                        *slot = Some((newest.clone(), stored_at));
                     }
                     tracing::error!(
                         credential = %self.credential,
