@@ -514,7 +514,9 @@ async fn failed(p: &Pipeline, source: &Source, attempt: u32, detail: String) -> 
     }
 }
 
-async fn forget_attempt(p: &Pipeline, source: &Source) {
+/// Takes back the attempt counted for this message (it was not its fault); a failure to do so
+/// is logged.
+pub(crate) async fn forget_attempt(p: &Pipeline, source: &Source) {
     if let Some(loc) = source.origin.location()
         && let Err(e) = p.registry.forget_attempt(loc).await
     {

@@ -785,11 +785,7 @@ impl Batch<'_, '_> {
             }
         }
         for source in &uncommitted {
-            if let Some(loc) = source.origin.location()
-                && let Err(e) = pipeline.registry.forget_attempt(loc).await
-            {
-                tracing::warn!(uid = loc.uid, error = %e, "could not take back a processing attempt");
-            }
+            crate::pipeline::forget_attempt(pipeline, source).await;
         }
         stopped
     }
@@ -1377,30 +1373,17 @@ async fn drain_acks(
         };
         match performed {
             Ok(()) => {}
-            // Refused by the server (e.g. a read-only mailbox): kept pending and reported, and
-            // the poll goes on registering what arrives.
-            Err(crate::imap::ImapError::No { step, text }) => {
-                tracing::error!(
-                    mailbox = %p.mb.id,
-                    action = %action,
-                    uids = %crate::imap::uid_set::format(&uids),
-                    step,
-                    answer = %text,
-                    "the server refused the acknowledgement; it is kept for the next poll"
-                );
-                if let Ok(mut refused) = p.refused_acks.lock() {
-                    let why = format!("{step}: the server said NO: {text}");
-                    refused.extend(uids.iter().map(|u| (*u, why.clone())));
-                }
-                continue;
-            }
-            Err(e @ crate::imap::ImapError::CannotMove { .. }) => {
+            // Refused by the server (e.g. a read-only mailbox), or a move it cannot perform:
+            // kept pending and reported, and the poll goes on registering what arrives.
+            Err(
+                e @ (crate::imap::ImapError::No { .. } | crate::imap::ImapError::CannotMove { .. }),
+            ) => {
                 tracing::error!(
                     mailbox = %p.mb.id,
                     action = %action,
                     uids = %crate::imap::uid_set::format(&uids),
                     error = %e,
-                    "the acknowledgement cannot be performed; it is kept for the next poll"
+                    "the acknowledgement was refused or cannot be performed; it is kept for the next poll"
                 );
                 if let Ok(mut refused) = p.refused_acks.lock() {
                     let why = e.to_string();

@@ -500,19 +500,14 @@ impl MailSession {
     }
 
     /// Moves messages to `folder` (RFC 6851 `UID MOVE`; where the server lacks MOVE, copy then
-    /// mark `\Deleted` and `UID EXPUNGE` exactly those UIDs, which needs UIDPLUS: without
-    /// either, nothing is copied and [`ImapError::CannotMove`] says why).
+    /// mark `\Deleted` and `UID EXPUNGE` exactly those UIDs, which needs UIDPLUS). Callers check
+    /// [`MailSession::can_move`] first: the poll turns a move it cannot do into
+    /// [`ImapError::CannotMove`], naming the configuration key, before anything is copied.
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
         if uids.is_empty() {
             return Ok(());
         }
         let set = uid_set::format(uids);
-        if !self.has_move && !self.has_uidplus {
-            return Err(ImapError::CannotMove {
-                folder: folder.to_owned(),
-                key: "after",
-            });
-        }
         if self.has_move {
             within(
                 "UID MOVE",
