@@ -118,6 +118,12 @@ impl Delegated {
         self.cfg.scopes.iter().cloned().map(Scope::new)
     }
 
+    fn keep_unsaved(&self, kept: Option<(Secret, Option<String>)>) {
+        if let Ok(mut slot) = self.unsaved.lock() {
+            *slot = kept;
+        }
+    }
+
     /// A fresh access token from the stored refresh token; a rotated refresh token replaces the
     /// stored one before the access token is handed out.
     pub(super) async fn refresh(&self) -> Result<CachedToken, CredentialError> {
@@ -155,10 +161,8 @@ impl Delegated {
             Ok(fresh) => fresh,
             Err(e) => {
                 // Refused: the kept token is no better than the stored one any more.
-                if !e.is_transient()
-                    && let Ok(mut slot) = self.unsaved.lock()
-                {
-                    *slot = None;
+                if !e.is_transient() {
+                    self.keep_unsaved(None);
                 }
                 return Err(e);
             }
@@ -167,17 +171,13 @@ impl Delegated {
         match fresh.refresh_token.as_ref().or(unsaved.as_ref()) {
             Some(newest) => match store.save(&self.credential, newest.expose(), None).await {
                 Ok(()) => {
-                    if let Ok(mut slot) = self.unsaved.lock() {
-                        *slot = None;
-                    }
+                    self.keep_unsaved(None);
                     tracing::info!(credential = %self.credential, "refresh token rotated and stored");
                 }
                 // The access token is good, and the newest refresh token must not be lost with
                 // this error: kept in memory, used and stored again at the next refresh.
                 Err(e) => {
-                    if let Ok(mut slot) = self.unsaved.lock() {
-                        *slot = Some((newest.clone(), stored_at));
-                    }
+                    self.keep_unsaved(Some((newest.clone(), stored_at)));
                     tracing::error!(
                         credential = %self.credential,
                         error = %e,
@@ -377,23 +377,19 @@ async fn wait_for_code(listener: &TcpListener, state: &str) -> Result<String, Cr
                 .map(|u| u.query_pairs().into_owned().collect())
                 .unwrap_or_default();
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        // A code or an error ends the login only with this login's `state` (RFC 6749 4.1.2.1):
+        // any local process can reach the loopback listener.
+        let ours = get("state").as_deref() == Some(state);
         let (status, body, outcome) = match (get("code"), get("error")) {
-            (Some(code), _) if get("state").as_deref() == Some(state) => (
+            (Some(_), _) | (None, Some(_)) if !ours => (
+                "400 Bad Request",
+                "The sign-in answer does not belong to this login (state mismatch).",
+                None,
+            ),
+            (Some(code), _) => (
                 "200 OK",
                 "Signed in. mailintake has what it needs; you can close this window.",
                 Some(Ok(code)),
-            ),
-            (Some(_), _) => (
-                "400 Bad Request",
-                "The sign-in answer does not belong to this login (state mismatch).",
-                None,
-            ),
-            // An error answer ends the login only with this login's `state` (RFC 6749
-            // 4.1.2.1): any local process can reach the loopback listener.
-            (None, Some(_)) if get("state").as_deref() != Some(state) => (
-                "400 Bad Request",
-                "The sign-in answer does not belong to this login (state mismatch).",
-                None,
             ),
             (None, Some(error)) => {
                 let description = get("error_description").unwrap_or_default();
