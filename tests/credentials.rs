@@ -357,33 +357,55 @@ async fn a_forged_error_answer_does_not_end_the_login() {
     registers_one(&bed).await;
 }
 
+/// A delegated bed signed in by `auth login`, a connection to its registry database, and the
+/// credentials as a running service holds them (a token kept in memory lives there).
+async fn signed_in_service() -> (
+    Bed,
+    sqlx::SqliteConnection,
+    mailintake::credentials::Credentials,
+) {
+    use sqlx::Connection as _;
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let db = sqlx::SqliteConnection::connect(&bed.database_url())
+        .await
+        .unwrap();
+    let config = mailintake::config::Config::load(&bed.config).unwrap();
+    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
+    let credentials =
+        mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
+    (bed, db, credentials)
+}
+
+/// Makes the token store refuse every write (as a locked database or a full disk would), or
+/// take them again.
+async fn refuse_token_writes(db: &mut sqlx::SqliteConnection, refuse: bool) {
+    for event in ["INSERT", "UPDATE"] {
+        let sql = if refuse {
+            format!(
+                "CREATE TRIGGER refuse_token_{event} BEFORE {event} ON credential_tokens \
+                 BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+            )
+        } else {
+            format!("DROP TRIGGER refuse_token_{event}")
+        };
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *db)
+            .await
+            .unwrap();
+    }
+}
+
 /// A rotating provider revokes the old refresh token when it issues a new one. If the store
 /// cannot take the new one (database locked, disk full), the access token is still used and the
 /// new refresh token is kept in memory: the next refresh uses it, and it is stored once the
 /// store takes writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
-    use sqlx::Connection as _;
-    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
-    let (status, stdout, stderr, _) = browser_login(&bed).await;
-    assert!(status.success(), "{stdout}\n{stderr}");
+    let (bed, mut db, credentials) = signed_in_service().await;
     let first = stored_refresh_token(&bed).await.unwrap();
-    let mut db = sqlx::SqliteConnection::connect(&bed.database_url())
-        .await
-        .unwrap();
-    for event in ["INSERT", "UPDATE"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE TRIGGER refuse_token_{event} BEFORE {event} ON credential_tokens \
-             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
-        )))
-        .execute(&mut db)
-        .await
-        .unwrap();
-    }
-    let config = mailintake::config::Config::load(&bed.config).unwrap();
-    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
-    let credentials =
-        mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
+    refuse_token_writes(&mut db, true).await;
     // Two refreshes while the store refuses: each rotates, the second with the token the first
     // got (the stored one is revoked by then).
     for round in 1..=2 {
@@ -401,14 +423,7 @@ async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
             .contains(&first),
         "the stored one is revoked"
     );
-    for event in ["INSERT", "UPDATE"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP TRIGGER refuse_token_{event}"
-        )))
-        .execute(&mut db)
-        .await
-        .unwrap();
-    }
+    refuse_token_writes(&mut db, false).await;
     credentials.invalidate("user").await;
     credentials.login("user", USER).await.unwrap();
     let stored = stored_refresh_token(&bed).await.unwrap();
@@ -425,31 +440,12 @@ async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
 /// administrator's `auth login` stored meanwhile is what the next refresh uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sign_in_wins_over_a_refresh_token_kept_in_memory() {
-    use sqlx::Connection as _;
-    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
-    let (status, stdout, stderr, _) = browser_login(&bed).await;
-    assert!(status.success(), "{stdout}\n{stderr}");
-    let mut db = sqlx::SqliteConnection::connect(&bed.database_url())
-        .await
-        .unwrap();
-    let config = mailintake::config::Config::load(&bed.config).unwrap();
-    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
-    let credentials =
-        mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse_token_update BEFORE UPDATE ON credential_tokens \
-         BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
+    let (bed, mut db, credentials) = signed_in_service().await;
+    refuse_token_writes(&mut db, true).await;
     credentials.login("user", USER).await.unwrap(); // rotated, kept in memory
     let kept = bed.idp.live_refresh_tokens("client-desktop");
     assert_eq!(kept.len(), 1);
-    sqlx::query("DROP TRIGGER refuse_token_update")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    refuse_token_writes(&mut db, false).await;
     // Stored_at has one-second steps at most: make the new sign-in's visibly later.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, stdout, stderr, _) = browser_login(&bed).await;
