@@ -5,7 +5,8 @@
 //! Points: `after-fetch` (a batch fetched, nothing stored), `after-raw-write` (raw blob durable,
 //! not committed), `after-commit` (registration committed, not acknowledged), `mid-batch` (the
 //! middle message of a batch committed, the rest of the batch not), `after-ack` (acknowledged on
-//! the server, its rows not yet deleted).
+//! the server, its rows not yet deleted), `between-parts` (a part of a message fetched in parts
+//! written, the rest not fetched).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,5 +1,6 @@
 //! One poll of one mailbox: token → login → SELECT/UIDVALIDITY → pending acks → candidates →
-//! batched `BODY.PEEK[]` fetches → `ingest_one` each → acks for what was committed.
+//! messages too large to hold, fetched in parts → batched `BODY.PEEK[]` fetches → prepare and
+//! commit each → acks for what was committed.
 //!
 //! Invariant: a message is acknowledged on the server (`\Seen` or moved) only after its
 //! registration committed, and it is registered at most once per (mailbox, folder, UIDVALIDITY,
@@ -288,22 +289,29 @@ async fn poll_session(
     let mut registered: HashSet<u32> = done;
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
-        // A message the client cannot hold in one response is not fetched: trying would fail
-        // the fetch at every poll and stop every message behind it. It is reported (run --once
-        // exits 1) and left unseen on the server, which keeps it, for a person to handle.
-        let (sizes, too_large): (Vec<_>, Vec<_>) = sizes
+        // A message above the size limit, or larger than one response can hold, is fetched in
+        // parts straight into a blob, never held whole, and quarantined (`too-large`) with its
+        // raw bytes kept; so is nothing else. Its UID is taken before the batches, which
+        // changes nothing: every UID is registered on its own, in whatever order.
+        let in_parts_above = p
+            .ctx
+            .pipeline
+            .limits
+            .max_message_bytes
+            .min(crate::imap::MAX_FETCH_BYTES);
+        let (sizes, large): (Vec<_>, Vec<_>) = sizes
             .into_iter()
-            .partition(|(_, size)| u64::from(*size) <= crate::imap::MAX_FETCH_BYTES);
-        for (uid, size) in too_large {
-            tracing::error!(mailbox = %mb.id, uid, size, "message too large to fetch; left unseen on the server");
-            report.failed.push((
-                uid,
-                format!(
-                    "{size} bytes, more than one fetch can hold ({} MiB): left unseen on the server, untouched",
-                    crate::imap::MAX_FETCH_BYTES >> 20
-                ),
-            ));
-        }
+            .partition(|(_, size)| u64::from(*size) <= in_parts_above);
+        take_in_parts(
+            p,
+            session,
+            selected.uidvalidity,
+            &large,
+            &mut report,
+            &mut registered,
+            cancel,
+        )
+        .await?;
         let tuning = &p.ctx.config.imap;
         let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
         // The next batches are fetched while this one is processed. Memory is bounded by bytes:
@@ -388,6 +396,139 @@ async fn poll_session(
         "poll finished"
     );
     Ok(report)
+}
+
+/// Where message `uid` of this mailbox's folder comes from, and what to do with it afterwards.
+fn source_of(mb: &MailboxConfig, uidvalidity: u32, uid: u32, fetched_at: String) -> Source {
+    Source {
+        origin: Origin::Imap(Location {
+            mailbox_id: mb.id.clone(),
+            folder: mb.folder.clone(),
+            uidvalidity,
+            uid,
+        }),
+        ack: ack_action(&mb.after),
+        quarantine_ack: ack_action(&mb.after_quarantine),
+        fetched_at: Some(fetched_at),
+    }
+}
+
+/// The part size for messages fetched in parts: one response of this size is held at a time.
+const PART_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Takes the messages too large to hold (UID, RFC822.SIZE), one at a time: each is fetched in
+/// parts into a blob ([`fetch_into_blob`]), committed like any other message (as `too-large`,
+/// see [`crate::pipeline::prepare_stored`]), and acknowledged after its commit.
+async fn take_in_parts(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    large: &[(u32, u32)],
+    report: &mut PollReport,
+    registered: &mut HashSet<u32>,
+    cancel: &CancellationToken,
+) -> Result<(), PollError> {
+    let mb = p.mb;
+    let pipeline = &p.ctx.pipeline;
+    let ingest_error = |source| PollError::Ingest {
+        mailbox: mb.id.clone(),
+        source,
+    };
+    let mut outcomes = Outcomes {
+        mb,
+        report: &mut *report,
+        registered: &mut *registered,
+    };
+    let mut committed = false;
+    for &(uid, size) in large {
+        if cancel.is_cancelled() {
+            outcomes.report.interrupted = true;
+            break;
+        }
+        let fetched_at = crate::registry::now();
+        let started = std::time::Instant::now();
+        let Some((digest, len)) = fetch_into_blob(p, session, uid, size).await? else {
+            tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+            outcomes.report.vanished.push(uid);
+            continue;
+        };
+        tracing::info!(mailbox = %mb.id, uid, size = len, advertised = size, ms = started.elapsed().as_secs_f64() * 1e3, "large message fetched in parts");
+        let source = source_of(mb, uidvalidity, uid, fetched_at);
+        let result = match crate::pipeline::prepare_stored(pipeline, digest, len, &source).await {
+            Ok(message) => commit(pipeline, message, &source).await,
+            Err(e) => Err(e),
+        };
+        committed |= result.is_ok();
+        if let Err(e) = outcomes.note(uid, result) {
+            if committed {
+                // What committed is still acknowledged if the server lets us; if not, next run.
+                if let Err(ack_error) = drain_acks(p, session, uidvalidity).await {
+                    tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+                }
+            }
+            return Err(ingest_error(e));
+        }
+    }
+    if committed {
+        report.acked += drain_acks(p, session, uidvalidity).await?;
+    }
+    Ok(())
+}
+
+/// Fetches message `uid` in parts of [`PART_BYTES`] into a new blob and makes it durable.
+/// `None`: the server returned nothing for it (expunged meanwhile); if that happens after the
+/// first part, nothing is kept and the message is reported the same way. `advertised` is the
+/// server's RFC822.SIZE: a server may answer a part past the end with no bytes at all instead of
+/// an empty string, which is the end only where the size matches.
+async fn fetch_into_blob(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uid: u32,
+    advertised: u32,
+) -> Result<Option<(crate::raw_store::Sha256Digest, u64)>, PollError> {
+    let store = Arc::clone(&p.ctx.pipeline.store);
+    let stored = |source: crate::raw_store::StoreError| PollError::Ingest {
+        mailbox: p.mb.id.clone(),
+        source: IngestError::Store(source),
+    };
+    let internal = |join: tokio::task::JoinError| PollError::Ingest {
+        mailbox: p.mb.id.clone(),
+        source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
+    };
+    let mut writer = tokio::task::spawn_blocking(move || store.writer())
+        .await
+        .map_err(internal)?
+        .map_err(stored)?;
+    loop {
+        let offset = writer.len();
+        let Some(part) = session
+            .fetch_part(uid, offset, PART_BYTES)
+            .await
+            .map_err(p.imap())?
+        else {
+            if offset > 0 && offset == u64::from(advertised) {
+                break;
+            }
+            return Ok(None);
+        };
+        let whole_part = part.raw().len() == PART_BYTES as usize;
+        writer = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            writer.write(part.raw()).map(|()| writer)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(stored)?;
+        failpoint::hit("between-parts");
+        if !whole_part {
+            break;
+        }
+    }
+    let finished = tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .map_err(internal)?
+        .map_err(stored)?;
+    Ok(Some(finished))
 }
 
 /// A fetched batch on its way from the fetcher to the processor. Its messages are being hashed
@@ -698,18 +839,7 @@ impl Outcomes<'_> {
 
 impl Batch<'_, '_> {
     fn source(&self, uid: u32) -> Source {
-        let mb = self.p.mb;
-        Source {
-            origin: Origin::Imap(Location {
-                mailbox_id: mb.id.clone(),
-                folder: mb.folder.clone(),
-                uidvalidity: self.uidvalidity,
-                uid,
-            }),
-            ack: ack_action(&mb.after),
-            quarantine_ack: ack_action(&mb.after_quarantine),
-            fetched_at: Some(self.fetched_at.clone()),
-        }
+        source_of(self.p.mb, self.uidvalidity, uid, self.fetched_at.clone())
     }
 
     /// Starts preparations for the messages, at most `parallel_messages` at a time, and

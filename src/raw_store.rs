@@ -9,6 +9,9 @@
 //! waiting for the disk, and [`RawStore::publish`] makes all of them durable at once (one
 //! filesystem sync, the renames, a second sync), so a batch costs two flushes instead of two per
 //! blob. Either way a blob's final name exists only after its bytes reached the disk.
+//!
+//! A message too large to hold in memory is written piece by piece by a [`BlobWriter`], hashed
+//! as it goes, and published like a single blob once its last piece is written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -158,7 +161,7 @@ impl RawStore {
     /// Stores bytes whose digest the caller already computed.
     pub fn put_with_digest(&self, bytes: &[u8], digest: Sha256Digest) -> Result<(), StoreError> {
         let dest = self.path_of(&digest);
-        if already_stored(&dest, bytes.len()) {
+        if already_stored(&dest, bytes.len() as u64) {
             return Ok(());
         }
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -216,7 +219,7 @@ impl RawStore {
         staged: &mut Staged,
     ) -> Result<(), StoreError> {
         let dest = self.path_of(&digest);
-        if already_stored(&dest, bytes.len()) {
+        if already_stored(&dest, bytes.len() as u64) {
             return Ok(());
         }
         let tmp = self.tmp_path(&digest);
@@ -275,6 +278,33 @@ impl RawStore {
             action: "flush the directories of blobs renamed from",
             path: tmp_dir,
             source,
+        })
+    }
+
+    /// Starts a blob whose bytes arrive piece by piece ([`BlobWriter::write`]); its digest is
+    /// known, and its name given, only at [`BlobWriter::finish`].
+    pub fn writer(&self) -> Result<BlobWriter, StoreError> {
+        let tmp = self.tmp_dir().join(format!(
+            "pieces.{}.{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|source| StoreError {
+                action: "create",
+                path: tmp.clone(),
+                source,
+            })?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            tmp,
+            file: Some(file),
+            hasher: Sha256::new(),
+            len: 0,
+            done: false,
         })
     }
 
@@ -350,6 +380,23 @@ impl RawStore {
         Ok(out)
     }
 
+    /// Reads a blob back and checks that its bytes still have its digest.
+    pub fn get_verified(&self, digest: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
+        let bytes = self.get(digest)?;
+        let found = Sha256Digest::of(&bytes);
+        if found != *digest {
+            return Err(StoreError {
+                action: "verify",
+                path: self.path_of(digest),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("its bytes now have SHA-256 {found}"),
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
     /// Reads a blob back.
     pub fn get(&self, digest: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(digest);
@@ -366,11 +413,11 @@ impl RawStore {
 /// old orphan (a crash between write and commit, long ago) that a new message is about to refer
 /// to must look new, or gc could delete it between this check and the commit. A blob whose time
 /// cannot be set (removed meanwhile) counts as not stored and is written again.
-fn already_stored(dest: &Path, len: usize) -> bool {
+fn already_stored(dest: &Path, len: u64) -> bool {
     let Ok(meta) = fs::metadata(dest) else {
         return false;
     };
-    if meta.len() != len as u64 {
+    if meta.len() != len {
         return false;
     }
     OpenOptions::new()
@@ -410,6 +457,94 @@ impl Drop for Staged {
     fn drop(&mut self) {
         for (tmp, _) in self.files.drain(..) {
             let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// A blob written piece by piece (see [`RawStore::writer`]). Nothing is visible under a blob's
+/// name before [`BlobWriter::finish`] returns; dropped before that, it leaves no file behind (a
+/// killed process's temp file is removed by the next [`RawStore::open`]).
+pub struct BlobWriter {
+    store: RawStore,
+    tmp: PathBuf,
+    file: Option<File>,
+    hasher: Sha256,
+    len: u64,
+    /// Renamed into place (or dropped as a duplicate): nothing left to remove.
+    done: bool,
+}
+
+impl BlobWriter {
+    /// Appends `piece` to the blob and to its digest, and starts its writeback.
+    pub fn write(&mut self, piece: &[u8]) -> Result<(), StoreError> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(self.error("write", io::ErrorKind::BrokenPipe.into()));
+        };
+        if let Err(source) = file.write_all(piece) {
+            return Err(self.error("write", source));
+        }
+        start_writeback(file);
+        self.hasher.update(piece);
+        self.len += piece.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the blob durable under its digest (flush, rename, flush of its directory), or,
+    /// when the same bytes are stored already, keeps that blob and drops this copy. Returns the
+    /// digest and the length.
+    pub fn finish(mut self) -> Result<(Sha256Digest, u64), StoreError> {
+        let Some(file) = self.file.take() else {
+            return Err(self.error("finish", io::ErrorKind::BrokenPipe.into()));
+        };
+        if let Err(source) = file.sync_all() {
+            return Err(self.error("write", source));
+        }
+        drop(file);
+        let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
+        let dest = self.store.path_of(&digest);
+        if already_stored(&dest, self.len) {
+            return Ok((digest, self.len));
+        }
+        if let Err(source) = self.store.rename_into_place(&self.tmp, &dest) {
+            return Err(StoreError {
+                action: "rename into place",
+                path: dest,
+                source,
+            });
+        }
+        self.done = true;
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+        sync_dir(&dir).map_err(|source| StoreError {
+            action: "fsync directory",
+            path: dir,
+            source,
+        })?;
+        Ok((digest, self.len))
+    }
+
+    fn error(&self, action: &'static str, source: io::Error) -> StoreError {
+        StoreError {
+            action,
+            path: self.tmp.clone(),
+            source,
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    /// Removes the temp file unless it was renamed into place.
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
         }
     }
 }
@@ -547,6 +682,53 @@ fn sync_filesystem<'a>(_handle: &File, paths: impl Iterator<Item = &'a PathBuf>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_blob_written_in_pieces_is_stored_under_the_digest_of_all_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let whole: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut writer = store.writer().unwrap();
+        for piece in whole.chunks(65_536) {
+            writer.write(piece).unwrap();
+        }
+        assert_eq!(writer.len(), whole.len() as u64);
+        assert_eq!(
+            temp_files(dir.path()).len(),
+            1,
+            "written beside, not in place"
+        );
+        let (digest, len) = writer.finish().unwrap();
+        assert_eq!(digest, Sha256Digest::of(&whole));
+        assert_eq!(len, whole.len() as u64);
+        assert_eq!(fs::read(store.path_of(&digest)).unwrap(), whole);
+        assert!(temp_files(dir.path()).is_empty());
+
+        // The same bytes again: the stored blob stays, the copy goes.
+        let mut again = store.writer().unwrap();
+        again.write(&whole).unwrap();
+        assert_eq!(again.finish().unwrap().0, digest);
+        assert!(temp_files(dir.path()).is_empty());
+        assert_eq!(store.get(&digest).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_blob_abandoned_between_pieces_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let mut writer = store.writer().unwrap();
+        writer.write(b"the first half of a message").unwrap();
+        drop(writer);
+        assert!(temp_files(dir.path()).is_empty());
+        assert!(store.list().unwrap().is_empty());
+    }
 
     #[test]
     fn storing_bytes_that_are_there_already_makes_the_blob_look_new_to_gc() {

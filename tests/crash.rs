@@ -437,6 +437,60 @@ async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: 
     assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
 }
 
+/// A message above the size limit is fetched in parts straight into a blob. Killed after its
+/// first part: nothing recorded, nothing acknowledged, and the half-written blob is a temp file
+/// that the next run removes before it fetches the message again, whole this time, and
+/// quarantines it once with the bytes the server has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_parts_of_a_large_message() {
+    let mut bed = Bed::start().await;
+    bed.idp.add_app(TENANT, CLIENT, "secret-podatelna", &[USER]);
+    bed.tables = "[limits]\nmax_message_bytes = 1000000\n".into();
+    bed.configure(&[mailbox()]);
+    let small = messages(3, 2_000);
+    let mut big = b"X-Test-Sequence: big\n".to_vec();
+    big.extend_from_slice(&common::bed::fixtures()[1].1);
+    while big.len() < 20 * 1024 * 1024 {
+        big.extend_from_slice(format!("{:077}\n", big.len()).as_bytes());
+    }
+    bed.dovecot.deliver(USER, "INBOX", &small[0]).unwrap();
+    let big_uid = bed.dovecot.deliver(USER, "INBOX", &big).unwrap();
+    for raw in &small[1..] {
+        bed.dovecot.deliver(USER, "INBOX", raw).unwrap();
+    }
+    let temp_files = || -> Vec<String> {
+        std::fs::read_dir(bed.data_dir().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+
+    let out = bed
+        .run_once_env(&[("MAILINTAKE_FAILPOINT", "between-parts")])
+        .await;
+    assert_eq!(out.status.signal(), Some(9), "{}", text(&out));
+    assert_eq!(bed.registry().await.list(None, 10).await.unwrap().len(), 0);
+    assert!(bed.seen(USER, "INBOX").values().all(|s| !*s));
+    let left = temp_files();
+    assert!(
+        left.len() == 1 && left[0].starts_with("pieces."),
+        "the first part, in a temp file: {left:?}"
+    );
+
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(reconcile(&bed).await, 4);
+    assert!(temp_files().is_empty(), "{:?}", temp_files());
+    let registry = bed.registry().await;
+    let rows = registry.list(Some(Status::Quarantined), 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].reason_code.as_deref(), Some("too-large"));
+    assert_eq!(
+        rows[0].raw_sha256,
+        Sha256Digest::of(&bed.served(USER, CLIENT).await[&big_uid]).to_hex()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_nothing_against_messages_prepared_beside_per_message() {
     a_full_disk_holds_nothing_against_the_messages_prepared_beside("message").await;

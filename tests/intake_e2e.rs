@@ -559,12 +559,13 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     );
 }
 
-/// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is not
-/// fetched: reported with its size, left unseen on the server, and the messages around it are
-/// registered. Fetching it would fail the connection at every poll and stall the mailbox.
+/// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is fetched in
+/// parts into its blob. Here the size limit is above it, so it is then read back, parsed and
+/// registered like any other; the messages around it are registered too, and all end `\Seen`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_too_large_to_fetch_is_reported_and_does_not_stall_the_others() {
-    let bed = bed_with_apps().await;
+async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() {
+    let mut bed = bed_with_apps().await;
+    bed.tables = "[limits]\nmax_message_bytes = 1073741824\n".into();
     bed.configure(&[podatelna()]);
     let fixtures = fixtures();
     bed.dovecot
@@ -578,23 +579,39 @@ async fn a_message_too_large_to_fetch_is_reported_and_does_not_stall_the_others(
         huge.extend_from_slice(b"\r\n");
     }
     let huge_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &huge).unwrap();
+    let (huge_sha256, huge_len) = (Sha256Digest::of(&huge), huge.len() as u64);
     drop(huge);
     bed.dovecot
         .deliver(PODATELNA, "INBOX", &fixtures[1].1)
         .unwrap();
     let out = bed.run_once().await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("UID {huge_uid}"))
-            && stderr.contains("more than one fetch can hold"),
+        stderr.contains("large message fetched in parts")
+            && stderr.contains(&format!("uid={huge_uid}")),
         "{}",
         text(&out)
     );
-    assert_eq!(bed.registry().await.list(None, 10).await.unwrap().len(), 2);
+    let rows = bed.registry().await.list(None, 10).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r.status == mailintake::registry::Status::Registered)
+    );
+    let huge_row = rows
+        .iter()
+        .find(|r| r.raw_sha256 == huge_sha256.to_hex())
+        .expect("the huge message's record, under the digest of the bytes delivered");
+    let blob = bed.store().path_of(&huge_sha256);
+    assert_eq!(
+        std::fs::metadata(&blob).unwrap().len(),
+        huge_len,
+        "{huge_row:?}"
+    );
     let seen = bed.seen(PODATELNA, "INBOX");
-    assert_eq!(seen.get(&huge_uid), Some(&false), "{seen:?}");
-    assert_eq!(seen.values().filter(|s| **s).count(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3);
+    assert!(seen.values().all(|s| *s), "{seen:?}");
 }
 
 /// Makes the test Dovecot advertise only `caps` after login (it still understands every

@@ -449,6 +449,40 @@ impl MailSession {
         Ok(out)
     }
 
+    /// `UID FETCH uid (UID BODY.PEEK[]<offset.length>)`: at most `length` bytes of one message
+    /// from `offset` (RFC 3501 partial fetch; fewer at its end), never setting `\Seen`. `None`:
+    /// the server returned no bytes for this UID (expunged, or `offset` is past the end and the
+    /// server says so with NIL). A server that returns more than was asked for has ignored the
+    /// range: that is an error, not a part.
+    pub async fn fetch_part(
+        &mut self,
+        uid: u32,
+        offset: u64,
+        length: u32,
+    ) -> Result<Option<Fetched>, ImapError> {
+        let step = "UID FETCH BODY.PEEK[]<partial>";
+        let query = format!("(UID BODY.PEEK[]<{offset}.{length}>)");
+        let mut part = None;
+        self.fetch_each(&[uid], &query, step, |f| {
+            if f.uid == Some(uid) && f.body().is_some() {
+                part = Some(Fetched { uid, response: f });
+            }
+        })
+        .await?;
+        if let Some(p) = &part
+            && p.raw().len() > length as usize
+        {
+            return Err(ImapError::Protocol {
+                step,
+                detail: format!(
+                    "asked for {length} bytes of UID {uid} from {offset}, the server sent {}",
+                    p.raw().len()
+                ),
+            });
+        }
+        Ok(part)
+    }
+
     /// Runs a UID FETCH and hands each response to `each` as it arrives, draining the whole
     /// stream (each item under the I/O timeout) before anything else is sent.
     async fn fetch_each(
