@@ -223,11 +223,21 @@ pub async fn prepare(
     raw: RawMessage,
     source: &Source,
 ) -> Result<PreparedMessage, IngestError> {
-    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
-    let limits = p.limits;
     // Count the attempt before doing anything that could kill the worker.
     let (attempt, poison) = count_attempt(p, source).await?;
+    prepare_counted(p, raw, source, attempt, poison).await
+}
 
+/// [`prepare`] once the attempt is counted.
+async fn prepare_counted(
+    p: &Pipeline,
+    raw: RawMessage,
+    source: &Source,
+    attempt: u32,
+    poison: Option<String>,
+) -> Result<PreparedMessage, IngestError> {
+    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+    let limits = p.limits;
     let store = Arc::clone(&p.store);
     let raw_size = raw.len() as u64;
     let job = tokio::task::spawn_blocking(move || {
@@ -263,8 +273,9 @@ pub async fn prepare(
 }
 
 /// Counts an attempt at this message; past `max_attempts`, the reason to quarantine it as
-/// poison.
-async fn count_attempt(
+/// poison. [`prepare`] does this itself; a message fetched in parts is counted before its
+/// fetch, for [`prepare_stored`].
+pub async fn count_attempt(
     p: &Pipeline,
     source: &Source,
 ) -> Result<(u32, Option<String>), IngestError> {
@@ -285,51 +296,64 @@ async fn count_attempt(
 }
 
 /// [`prepare`] for a message whose raw bytes are already a durable blob, written piece by
-/// piece because it was too large to hold ([`RawStore::writer`]). Above the size limit it is
-/// quarantined (`too-large`) without being read back. Within the limit (a server's
-/// RFC822.SIZE may be an estimate) it is read back, checked against its digest, and prepared
-/// like any other message.
+/// piece because it was too large to hold ([`RawStore::writer`]); its attempt was counted
+/// before the fetch ([`count_attempt`]). Poison, or above the size limit, it is quarantined
+/// without being read back. Within the limit (a limit set above what one fetch holds, or a
+/// server's RFC822.SIZE that overstated it) it is read back, checked against its digest, and
+/// prepared like any other message. A blob that no longer has its digest fails this attempt.
 pub async fn prepare_stored(
     p: &Pipeline,
     digest: Sha256Digest,
     raw_size: u64,
     source: &Source,
+    attempt: u32,
+    poison: Option<String>,
 ) -> Result<PreparedMessage, IngestError> {
-    if raw_size <= p.limits.max_message_bytes {
-        let store = Arc::clone(&p.store);
-        let bytes = match tokio::task::spawn_blocking(move || store.get_verified(&digest)).await {
-            Ok(read) => read?,
-            Err(join) => return Err(IngestError::internal(0, p.limits.max_attempts, &join)),
-        };
-        let raw = RawMessage {
-            bytes: Box::new(bytes),
-            sha256: Some(digest),
-        };
-        return prepare(p, raw, source).await;
-    }
-    let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
-    let (attempt, poison) = count_attempt(p, source).await?;
-    let prepared = match poison {
-        Some(reason) => Prepared::Quarantine("poison", reason),
-        None => Prepared::Quarantine(
+    let quarantine = match poison {
+        Some(reason) => Some(("poison", reason)),
+        None if raw_size > p.limits.max_message_bytes => Some((
             "too-large",
             format!(
                 "{raw_size} bytes, above the limit of {} bytes",
                 p.limits.max_message_bytes
             ),
-        ),
+        )),
+        None => None,
     };
-    Ok(PreparedMessage {
-        digest,
-        raw_size,
-        attempt,
-        timeline: [
-            ("fetched", fetched_at),
-            ("stored", now()),
-            ("parsed", now()),
-        ],
-        prepared,
-    })
+    if let Some((code, detail)) = quarantine {
+        let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
+        return Ok(PreparedMessage {
+            digest,
+            raw_size,
+            attempt,
+            timeline: [
+                ("fetched", fetched_at),
+                ("stored", now()),
+                ("parsed", now()),
+            ],
+            prepared: Prepared::Quarantine(code, detail),
+        });
+    }
+    let store = Arc::clone(&p.store);
+    let bytes = match tokio::task::spawn_blocking(move || store.get_verified(&digest)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if e.action == "verify" => {
+            return Err(failed(p, source, attempt, e.to_string()).await);
+        }
+        Ok(Err(e)) => {
+            forget_attempt(p, source).await;
+            return Err(e.into());
+        }
+        Err(join) => {
+            let detail = format!("internal error: {join}");
+            return Err(failed(p, source, attempt, detail).await);
+        }
+    };
+    let raw = RawMessage {
+        bytes: Box::new(bytes),
+        sha256: Some(digest),
+    };
+    prepare_counted(p, raw, source, attempt, None).await
 }
 
 /// [`prepare`] for the messages of a batch committed as one ([`CommitMode::PerBatch`]), in
@@ -559,7 +583,14 @@ pub async fn commit_batch(
     }
 }
 
-async fn failed(p: &Pipeline, source: &Source, attempt: u32, detail: String) -> IngestError {
+/// Records that this attempt at the message failed on the message's own account (counted
+/// towards `max_attempts`), and the error that says so.
+pub(crate) async fn failed(
+    p: &Pipeline,
+    source: &Source,
+    attempt: u32,
+    detail: String,
+) -> IngestError {
     if let Some(loc) = source.origin.location()
         && let Err(e) = p.registry.record_failure(loc, &detail).await
     {
@@ -633,7 +664,9 @@ JVBERi0xLjQK\r\n--b--\r\n";
         let p = pipeline(dir.path(), 1 << 20).await;
         let (digest, len) = written_in_parts(&p, MESSAGE);
         let source = import("within");
-        let prepared = prepare_stored(&p, digest, len, &source).await.unwrap();
+        let prepared = prepare_stored(&p, digest, len, &source, 1, None)
+            .await
+            .unwrap();
         let done = commit(&p, prepared, &source).await.unwrap();
         assert!(
             matches!(done.outcome, Outcome::Registered { .. }),
@@ -646,20 +679,45 @@ JVBERi0xLjQK\r\n--b--\r\n";
     }
 
     #[tokio::test]
-    async fn a_stored_message_above_the_limit_is_quarantined_without_being_read() {
+    async fn a_stored_message_above_the_limit_or_poison_is_quarantined_without_being_read() {
         let dir = tempfile::tempdir().unwrap();
         let p = pipeline(dir.path(), 100).await;
         let (digest, len) = written_in_parts(&p, MESSAGE);
         // Not read back: even a blob gone since would not be noticed here (the commit and the
         // reconciling tests check the bytes).
         std::fs::remove_file(p.store.path_of(&digest)).unwrap();
-        let source = import("above");
-        let prepared = prepare_stored(&p, digest, len, &source).await.unwrap();
-        let done = commit(&p, prepared, &source).await.unwrap();
-        assert!(
-            matches!(done.outcome, Outcome::Quarantined { .. }),
-            "{done:?}"
-        );
+        for (name, limit, poison, code) in [
+            ("above", 100, None, "too-large"),
+            (
+                "poison",
+                1 << 20,
+                Some("failed 3 times".to_owned()),
+                "poison",
+            ),
+        ] {
+            let p = Pipeline {
+                limits: Limits {
+                    max_message_bytes: limit,
+                    ..p.limits
+                },
+                ..p.clone()
+            };
+            let source = import(name);
+            let prepared = prepare_stored(&p, digest, len, &source, 4, poison)
+                .await
+                .unwrap();
+            assert!(
+                matches!(&prepared.prepared, Prepared::Quarantine(c, _) if *c == code),
+                "{name}"
+            );
+            if name == "above" {
+                let done = commit(&p, prepared, &source).await.unwrap();
+                assert!(
+                    matches!(done.outcome, Outcome::Quarantined { .. }),
+                    "{done:?}"
+                );
+            }
+        }
         let rows = p.registry.list(None, 10).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].reason_code.as_deref(), Some("too-large"));
@@ -674,14 +732,13 @@ JVBERi0xLjQK\r\n--b--\r\n";
         let mut damaged = MESSAGE.to_vec();
         damaged[10] ^= 1;
         std::fs::write(p.store.path_of(&digest), &damaged).unwrap();
-        let err = prepare_stored(&p, digest, len, &import("damaged"))
+        let err = prepare_stored(&p, digest, len, &import("damaged"), 1, None)
             .await
             .err()
             .unwrap();
-        assert!(
-            matches!(&err, IngestError::Store(e) if e.action == "verify"),
-            "{err}"
-        );
+        // This message's failure (counted towards poison), not one that stops the run.
+        assert!(err.is_message_specific(), "{err}");
+        assert!(err.to_string().contains("now have SHA-256"), "{err}");
         assert!(p.registry.list(None, 10).await.unwrap().is_empty());
     }
 }

@@ -290,9 +290,9 @@ async fn poll_session(
     if !todo.is_empty() {
         let sizes = session.sizes(&todo).await.map_err(p.imap())?;
         // A message above the size limit, or larger than one response can hold, is fetched in
-        // parts straight into a blob, never held whole, and quarantined (`too-large`) with its
-        // raw bytes kept; so is nothing else. Its UID is taken before the batches, which
-        // changes nothing: every UID is registered on its own, in whatever order.
+        // parts straight into a blob after the batches (see `take_in_parts`): one such message
+        // in trouble holds up no other mail. Every UID is registered on its own, so the order
+        // changes nothing else.
         let in_parts_above = p
             .ctx
             .pipeline
@@ -302,16 +302,6 @@ async fn poll_session(
         let (sizes, large): (Vec<_>, Vec<_>) = sizes
             .into_iter()
             .partition(|(_, size)| u64::from(*size) <= in_parts_above);
-        take_in_parts(
-            p,
-            session,
-            selected.uidvalidity,
-            &large,
-            &mut report,
-            &mut registered,
-            cancel,
-        )
-        .await?;
         let tuning = &p.ctx.config.imap;
         let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
         // The next batches are fetched while this one is processed. Memory is bounded by bytes:
@@ -364,6 +354,18 @@ async fn poll_session(
         let (fetched, processed) = tokio::join!(fetcher, processor);
         processed?;
         fetched?;
+        if !report.interrupted {
+            take_in_parts(
+                p,
+                session,
+                selected.uidvalidity,
+                &large,
+                &mut report,
+                &mut registered,
+                cancel,
+            )
+            .await?;
+        }
     }
 
     // The high-water mark only moves over an unbroken run of registered UIDs, so a message
@@ -416,9 +418,15 @@ fn source_of(mb: &MailboxConfig, uidvalidity: u32, uid: u32, fetched_at: String)
 /// The part size for messages fetched in parts: one response of this size is held at a time.
 const PART_BYTES: u32 = 8 * 1024 * 1024;
 
-/// Takes the messages too large to hold (UID, RFC822.SIZE), one at a time: each is fetched in
-/// parts into a blob ([`fetch_into_blob`]), committed like any other message (as `too-large`,
-/// see [`crate::pipeline::prepare_stored`]), and acknowledged after its commit.
+/// Takes the messages too large to hold (UID, RFC822.SIZE), one at a time. Each attempt is
+/// counted before its fetch; the message is fetched in parts into a blob ([`fetch_into_blob`]),
+/// committed like any other (`too-large` above the limit, see
+/// [`crate::pipeline::prepare_stored`]), and acknowledged after its commit. A message the server
+/// will not hand over whole (an error answer to its fetch, fewer or more bytes than its size)
+/// fails alone: it is reported, left unseen, and tried again at the next poll; after
+/// `max_attempts` the bytes fetched are quarantined as poison. After an error answer the
+/// remaining large messages wait for the next poll (the session may be unusable). A connection
+/// or disk failure stops the poll, and then the attempt is taken back.
 async fn take_in_parts(
     p: &Poller<'_>,
     session: &mut MailSession,
@@ -430,62 +438,133 @@ async fn take_in_parts(
 ) -> Result<(), PollError> {
     let mb = p.mb;
     let pipeline = &p.ctx.pipeline;
-    let ingest_error = |source| PollError::Ingest {
-        mailbox: mb.id.clone(),
-        source,
-    };
     let mut outcomes = Outcomes {
         mb,
         report: &mut *report,
         registered: &mut *registered,
     };
     let mut committed = false;
+    let mut stop = None;
     for &(uid, size) in large {
         if cancel.is_cancelled() {
             outcomes.report.interrupted = true;
             break;
         }
-        let fetched_at = crate::registry::now();
-        let started = std::time::Instant::now();
-        let Some((digest, len)) = fetch_into_blob(p, session, uid, size).await? else {
-            tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
-            outcomes.report.vanished.push(uid);
-            continue;
+        let source = source_of(mb, uidvalidity, uid, crate::registry::now());
+        let (attempt, poison) = match crate::pipeline::count_attempt(pipeline, &source).await {
+            Ok(counted) => counted,
+            Err(e) => {
+                stop = Some(PollError::Ingest {
+                    mailbox: mb.id.clone(),
+                    source: e,
+                });
+                break;
+            }
         };
-        tracing::info!(mailbox = %mb.id, uid, size = len, advertised = size, ms = started.elapsed().as_secs_f64() * 1e3, "large message fetched in parts");
-        let source = source_of(mb, uidvalidity, uid, fetched_at);
-        let result = match crate::pipeline::prepare_stored(pipeline, digest, len, &source).await {
-            Ok(message) => commit(pipeline, message, &source).await,
-            Err(e) => Err(e),
+        let started = std::time::Instant::now();
+        let parts = fetch_into_blob(p, session, uid, size, cancel).await;
+        let result = match parts {
+            Ok(Parts::Stored(digest, len)) if poison.is_some() || len == u64::from(size) => {
+                tracing::info!(mailbox = %mb.id, uid, size = len, ms = started.elapsed().as_secs_f64() * 1e3, "large message fetched in parts");
+                match crate::pipeline::prepare_stored(
+                    pipeline, digest, len, &source, attempt, poison,
+                )
+                .await
+                {
+                    Ok(message) => commit(pipeline, message, &source).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(Parts::Stored(_, len)) => {
+                let detail = format!(
+                    "fetched {len} bytes in parts, but the server gives its size as {size} \
+                     (a cut-short answer, or a size the server only estimates)"
+                );
+                Err(crate::pipeline::failed(pipeline, &source, attempt, detail).await)
+            }
+            Ok(Parts::Refused(detail)) => {
+                Err(crate::pipeline::failed(pipeline, &source, attempt, detail).await)
+            }
+            Ok(Parts::Failed(detail)) => {
+                // Counted against this message; the session may be in no state for another.
+                let failure = crate::pipeline::failed(pipeline, &source, attempt, detail).await;
+                if let Err(e) = outcomes.note(uid, Err(failure)) {
+                    stop = Some(PollError::Ingest {
+                        mailbox: mb.id.clone(),
+                        source: e,
+                    });
+                }
+                break;
+            }
+            Ok(Parts::Vanished) => {
+                crate::pipeline::forget_attempt(pipeline, &source).await;
+                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+                outcomes.report.vanished.push(uid);
+                continue;
+            }
+            Ok(Parts::Cancelled) => {
+                crate::pipeline::forget_attempt(pipeline, &source).await;
+                outcomes.report.interrupted = true;
+                break;
+            }
+            Err(e) => {
+                crate::pipeline::forget_attempt(pipeline, &source).await;
+                stop = Some(e);
+                break;
+            }
         };
         committed |= result.is_ok();
         if let Err(e) = outcomes.note(uid, result) {
-            if committed {
-                // What committed is still acknowledged if the server lets us; if not, next run.
-                if let Err(ack_error) = drain_acks(p, session, uidvalidity).await {
-                    tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
-                }
-            }
-            return Err(ingest_error(e));
+            stop = Some(PollError::Ingest {
+                mailbox: mb.id.clone(),
+                source: e,
+            });
+            break;
         }
     }
     if committed {
-        report.acked += drain_acks(p, session, uidvalidity).await?;
+        match drain_acks(p, session, uidvalidity).await {
+            Ok(acked) => report.acked += acked,
+            // The poll fails anyway: what committed is acknowledged by the next run.
+            Err(ack_error) if stop.is_some() => {
+                tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+            }
+            Err(ack_error) => return Err(ack_error),
+        }
     }
-    Ok(())
+    stop.map_or(Ok(()), Err)
 }
 
-/// Fetches message `uid` in parts of [`PART_BYTES`] into a new blob and makes it durable.
-/// `None`: the server returned nothing for it (expunged meanwhile); if that happens after the
-/// first part, nothing is kept and the message is reported the same way. `advertised` is the
-/// server's RFC822.SIZE: a server may answer a part past the end with no bytes at all instead of
-/// an empty string, which is the end only where the size matches.
+/// What fetching a message in parts came to.
+enum Parts {
+    /// Every part is in a durable blob: its digest and length.
+    Stored(crate::raw_store::Sha256Digest, u64),
+    /// The message is no longer on the server.
+    Vanished,
+    /// The server would not hand it over whole: why.
+    Refused(String),
+    /// The server answered its fetch with an error (NO, BAD, a response the client could not
+    /// read): why. The session may be unusable for the rest of the poll.
+    Failed(String),
+    /// Shutdown between parts.
+    Cancelled,
+}
+
+/// Fetches message `uid` in parts of [`PART_BYTES`] into a new blob and makes it durable; the
+/// part shorter than [`PART_BYTES`] is the last. `advertised` is the server's RFC822.SIZE: a part
+/// past the end answered with no bytes at all, instead of an empty string, is the end only
+/// where the size matches, and a server that keeps sending beyond twice that size is stopped.
+/// A part that brings nothing else is looked up: a message still on the server was refused
+/// (async-imap ends a FETCH quietly on the server's NO). Connection and disk failures are
+/// errors; what concerns this message alone is a [`Parts`] outcome. Whatever does not end in
+/// [`Parts::Stored`] leaves no file behind.
 async fn fetch_into_blob(
     p: &Poller<'_>,
     session: &mut MailSession,
     uid: u32,
     advertised: u32,
-) -> Result<Option<(crate::raw_store::Sha256Digest, u64)>, PollError> {
+    cancel: &CancellationToken,
+) -> Result<Parts, PollError> {
     let store = Arc::clone(&p.ctx.pipeline.store);
     let stored = |source: crate::raw_store::StoreError| PollError::Ingest {
         mailbox: p.mb.id.clone(),
@@ -495,22 +574,45 @@ async fn fetch_into_blob(
         mailbox: p.mb.id.clone(),
         source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
     };
+    let at_most = u64::from(advertised) * 2 + u64::from(PART_BYTES);
     let mut writer = tokio::task::spawn_blocking(move || store.writer())
         .await
         .map_err(internal)?
         .map_err(stored)?;
     loop {
+        if cancel.is_cancelled() {
+            return Ok(Parts::Cancelled);
+        }
         let offset = writer.len();
-        let Some(part) = session
-            .fetch_part(uid, offset, PART_BYTES)
-            .await
-            .map_err(p.imap())?
-        else {
+        if offset > at_most {
+            return Ok(Parts::Refused(format!(
+                "the server sent {offset} bytes and more of a message whose size it gives as {advertised}"
+            )));
+        }
+        let part = match session.fetch_part(uid, offset, PART_BYTES).await {
+            Ok(part) => part,
+            Err(e) if e.is_transient() => return Err(p.imap()(e)),
+            Err(e) => return Ok(Parts::Failed(e.to_string())),
+        };
+        let Some(part) = part else {
             if offset > 0 && offset == u64::from(advertised) {
                 break;
             }
-            return Ok(None);
+            return match session.uid_search(&format!("UID {uid}")).await {
+                Ok(found) if !found.contains(&uid) => Ok(Parts::Vanished),
+                Ok(_) => Ok(Parts::Refused(format!(
+                    "the server returned no bytes of it from offset {offset} (it refused the partial fetch?)"
+                ))),
+                Err(e) if e.is_transient() => Err(p.imap()(e)),
+                Err(e) => Ok(Parts::Failed(e.to_string())),
+            };
         };
+        if part.raw().len() > PART_BYTES as usize {
+            return Ok(Parts::Refused(format!(
+                "asked for {PART_BYTES} bytes from offset {offset}, the server sent {}: it ignores partial fetches",
+                part.raw().len()
+            )));
+        }
         let whole_part = part.raw().len() == PART_BYTES as usize;
         writer = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
@@ -524,11 +626,11 @@ async fn fetch_into_blob(
             break;
         }
     }
-    let finished = tokio::task::spawn_blocking(move || writer.finish())
+    let (digest, len) = tokio::task::spawn_blocking(move || writer.finish())
         .await
         .map_err(internal)?
         .map_err(stored)?;
-    Ok(Some(finished))
+    Ok(Parts::Stored(digest, len))
 }
 
 /// A fetched batch on its way from the fetcher to the processor. Its messages are being hashed

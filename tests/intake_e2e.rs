@@ -614,6 +614,71 @@ async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() 
     assert!(seen.values().all(|s| *s), "{seen:?}");
 }
 
+/// A large message the server cannot serve fails alone. Here its maildir file is cut short
+/// behind Dovecot's back, and Dovecot drops the connection when it finds fewer bytes than its
+/// index promised. The mail around it is registered and `\Seen`; it is reported (exit 1), left
+/// unseen, and nothing is recorded for it, at every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_the_server_cannot_serve_fails_alone() {
+    let mut bed = bed_with_apps().await;
+    bed.tables = "[limits]\nmax_message_bytes = 1000000\n".into();
+    bed.configure(&[podatelna()]);
+    let fixtures = fixtures();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
+        .unwrap();
+    let mut big = fixtures[1].1.clone();
+    while big.len() < 3 * 1024 * 1024 {
+        big.extend_from_slice(format!("{:077}\n", big.len()).as_bytes());
+    }
+    let big_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &big).unwrap();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[2].1)
+        .unwrap();
+    let maildir = bed
+        .dovecot
+        .dir()
+        .join("mail")
+        .join(PODATELNA)
+        .join("Maildir/INBOX");
+    let file = ["new", "cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(maildir.join(d)).into_iter().flatten())
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() > 1024 * 1024)
+        .expect("the big message's maildir file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(2 * 1024 * 1024)
+        .unwrap();
+
+    for poll in 1..=4 {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "poll {poll}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("UID FETCH BODY.PEEK[]<partial>"),
+            "poll {poll}: {}",
+            text(&out)
+        );
+        let rows = bed.registry().await.list(None, 10).await.unwrap();
+        assert_eq!(
+            rows.len(),
+            2,
+            "poll {poll}: the two others, nothing for the big one"
+        );
+        assert!(rows.iter().all(|r| r.raw_size < 1024 * 1024), "poll {poll}");
+        let seen = bed.seen(PODATELNA, "INBOX");
+        assert_eq!(seen.get(&big_uid), Some(&false), "poll {poll}: {seen:?}");
+        assert_eq!(
+            seen.values().filter(|s| **s).count(),
+            2,
+            "poll {poll}: {seen:?}"
+        );
+    }
+}
+
 /// Makes the test Dovecot advertise only `caps` after login (it still understands every
 /// command; mailintake goes by what is advertised).
 fn advertise_only(bed: &Bed, caps: &str) {

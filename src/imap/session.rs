@@ -452,8 +452,8 @@ impl MailSession {
     /// `UID FETCH uid (UID BODY.PEEK[]<offset.length>)`: at most `length` bytes of one message
     /// from `offset` (RFC 3501 partial fetch; fewer at its end), never setting `\Seen`. `None`:
     /// the server returned no bytes for this UID (expunged, or `offset` is past the end and the
-    /// server says so with NIL). A server that returns more than was asked for has ignored the
-    /// range: that is an error, not a part.
+    /// server says so with NIL). The caller checks the length: a server that returns more than
+    /// was asked for has ignored the range.
     pub async fn fetch_part(
         &mut self,
         uid: u32,
@@ -469,17 +469,6 @@ impl MailSession {
             }
         })
         .await?;
-        if let Some(p) = &part
-            && p.raw().len() > length as usize
-        {
-            return Err(ImapError::Protocol {
-                step,
-                detail: format!(
-                    "asked for {length} bytes of UID {uid} from {offset}, the server sent {}",
-                    p.raw().len()
-                ),
-            });
-        }
         Ok(part)
     }
 
