@@ -550,6 +550,29 @@ enum Parts {
     Cancelled,
 }
 
+/// The blob being written in parts: free, or writing the previous part on a blocking thread.
+enum WriteSlot {
+    Idle(crate::raw_store::BlobWriter),
+    Busy(
+        tokio::task::JoinHandle<Result<crate::raw_store::BlobWriter, crate::raw_store::StoreError>>,
+    ),
+}
+
+impl WriteSlot {
+    /// The writer, once the write in progress (if any) is done.
+    async fn settle(
+        self,
+    ) -> Result<
+        Result<crate::raw_store::BlobWriter, crate::raw_store::StoreError>,
+        tokio::task::JoinError,
+    > {
+        match self {
+            WriteSlot::Idle(writer) => Ok(Ok(writer)),
+            WriteSlot::Busy(writing) => writing.await,
+        }
+    }
+}
+
 /// Fetches message `uid` in parts of [`PART_BYTES`] into a new blob and makes it durable; the
 /// part shorter than [`PART_BYTES`] is the last. `advertised` is the server's RFC822.SIZE: a part
 /// past the end answered with no bytes at all, instead of an empty string, is the end only
@@ -575,15 +598,17 @@ async fn fetch_into_blob(
         source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
     };
     let at_most = u64::from(advertised) * 2 + u64::from(PART_BYTES);
-    let mut writer = tokio::task::spawn_blocking(move || store.writer())
+    let writer = tokio::task::spawn_blocking(move || store.writer())
         .await
         .map_err(internal)?
         .map_err(stored)?;
+    // Each part is written on a blocking thread while the next one is fetched.
+    let mut slot = WriteSlot::Idle(writer);
+    let mut offset = 0u64;
     loop {
         if cancel.is_cancelled() {
             return Ok(Parts::Cancelled);
         }
-        let offset = writer.len();
         if offset > at_most {
             return Ok(Parts::Refused(format!(
                 "the server sent {offset} bytes and more of a message whose size it gives as {advertised}"
@@ -607,25 +632,25 @@ async fn fetch_into_blob(
                 Err(e) => Ok(Parts::Failed(e.to_string())),
             };
         };
-        if part.raw().len() > PART_BYTES as usize {
+        let len = part.raw().len();
+        if len > PART_BYTES as usize {
             return Ok(Parts::Refused(format!(
-                "asked for {PART_BYTES} bytes from offset {offset}, the server sent {}: it ignores partial fetches",
-                part.raw().len()
+                "asked for {PART_BYTES} bytes from offset {offset}, the server sent {len}: it ignores partial fetches"
             )));
         }
-        let whole_part = part.raw().len() == PART_BYTES as usize;
-        writer = tokio::task::spawn_blocking(move || {
-            let mut writer = writer;
+        offset += len as u64;
+        let mut writer = slot.settle().await.map_err(internal)?.map_err(stored)?;
+        if !writer.is_empty() {
+            failpoint::hit("between-parts");
+        }
+        slot = WriteSlot::Busy(tokio::task::spawn_blocking(move || {
             writer.write(part.raw()).map(|()| writer)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(stored)?;
-        failpoint::hit("between-parts");
-        if !whole_part {
+        }));
+        if len < PART_BYTES as usize {
             break;
         }
     }
+    let writer = slot.settle().await.map_err(internal)?.map_err(stored)?;
     let (digest, len) = tokio::task::spawn_blocking(move || writer.finish())
         .await
         .map_err(internal)?
