@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_imap::Authenticator;
 use futures::StreamExt;
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -209,6 +210,13 @@ async fn within<T, E>(
     }
 }
 
+/// Bytes read from the socket at once under TLS. OpenSSL asks for a record's 5-byte header and
+/// then its body, and Dovecot's records are small: unbuffered, a 300 MiB message took 158,348
+/// `recvfrom` calls, with this buffer 6,865 (`strace -c`). On the e-filing benchmark (Intel, 6
+/// runs each, alternating) the client's system time fell from 6.20 to 5.39 s and its CPU from
+/// 19.27 to 18.54 s (bench/README.md, 2026-12-04 19:42).
+const TLS_READ_BUFFER: usize = 256 * 1024;
+
 async fn tls_wrap(ep: &Endpoint<'_>, tcp: TcpStream) -> Result<ImapStream, ImapError> {
     let mut connector = async_native_tls::TlsConnector::new();
     if let Some(ca) = ep.ca_file {
@@ -225,7 +233,7 @@ async fn tls_wrap(ep: &Endpoint<'_>, tcp: TcpStream) -> Result<ImapStream, ImapE
     let tls = within(
         "TLS handshake",
         ep.io_timeout,
-        connector.connect(ep.host, tcp),
+        connector.connect(ep.host, BufReader::with_capacity(TLS_READ_BUFFER, tcp)),
         |e| ImapError::Tls {
             host: ep.host.to_owned(),
             detail: e.to_string(),
