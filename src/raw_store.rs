@@ -164,8 +164,7 @@ impl RawStore {
         if already_stored(&dest, bytes.len() as u64) {
             return Ok(());
         }
-        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-        let tmp = self.tmp_path(&digest);
+        let tmp = self.tmp_path(&digest.to_hex());
         let written = (|| -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
@@ -179,14 +178,21 @@ impl RawStore {
                 source,
             });
         }
-        if let Err(source) = self.rename_into_place(&tmp, &dest) {
+        self.place(&tmp, &dest).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            return Err(StoreError {
+        })
+    }
+
+    /// Gives a flushed temp file its blob's name and flushes the directory: after this, the
+    /// blob survives a crash. (Staged blobs are placed together by [`RawStore::publish`].)
+    fn place(&self, tmp: &Path, dest: &Path) -> Result<(), StoreError> {
+        self.rename_into_place(tmp, dest)
+            .map_err(|source| StoreError {
                 action: "rename into place",
-                path: dest,
+                path: dest.to_owned(),
                 source,
-            });
-        }
+            })?;
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
         sync_dir(&dir).map_err(|source| StoreError {
             action: "fsync directory",
             path: dir,
@@ -222,7 +228,7 @@ impl RawStore {
         if already_stored(&dest, bytes.len() as u64) {
             return Ok(());
         }
-        let tmp = self.tmp_path(&digest);
+        let tmp = self.tmp_path(&digest.to_hex());
         let written = (|| -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             if bytes.len() >= DIRECT_WRITE_BYTES && write_direct(&mut f, bytes)? {
@@ -284,11 +290,7 @@ impl RawStore {
     /// Starts a blob whose bytes arrive piece by piece ([`BlobWriter::write`]); its digest is
     /// known, and its name given, only at [`BlobWriter::finish`].
     pub fn writer(&self) -> Result<BlobWriter, StoreError> {
-        let tmp = self.tmp_dir().join(format!(
-            "pieces.{}.{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let tmp = self.tmp_path("pieces");
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -327,10 +329,11 @@ impl RawStore {
         }
     }
 
-    fn tmp_path(&self, digest: &Sha256Digest) -> PathBuf {
+    /// A new temp file name, `<label>.<pid>.<random>`: the pid is what
+    /// [`RawStore::remove_abandoned_temp_files`] goes by.
+    fn tmp_path(&self, label: &str) -> PathBuf {
         self.tmp_dir().join(format!(
-            "{}.{}.{}",
-            digest.to_hex(),
+            "{label}.{}.{}",
             std::process::id(),
             rand::random::<u32>()
         ))
@@ -470,7 +473,7 @@ pub struct BlobWriter {
     file: Option<File>,
     hasher: Sha256,
     len: u64,
-    /// Renamed into place (or dropped as a duplicate): nothing left to remove.
+    /// Renamed into place: nothing left to remove.
     done: bool,
 }
 
@@ -499,35 +502,23 @@ impl BlobWriter {
     }
 
     /// Makes the blob durable under its digest (flush, rename, flush of its directory), or,
-    /// when the same bytes are stored already, keeps that blob and drops this copy. Returns the
-    /// digest and the length.
+    /// when the same bytes are stored already, keeps that blob and drops this copy unflushed.
+    /// Returns the digest and the length.
     pub fn finish(mut self) -> Result<(Sha256Digest, u64), StoreError> {
         let Some(file) = self.file.take() else {
             return Err(self.error("finish", io::ErrorKind::BrokenPipe.into()));
         };
-        if let Err(source) = file.sync_all() {
-            return Err(self.error("write", source));
-        }
-        drop(file);
         let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
         let dest = self.store.path_of(&digest);
         if already_stored(&dest, self.len) {
             return Ok((digest, self.len));
         }
-        if let Err(source) = self.store.rename_into_place(&self.tmp, &dest) {
-            return Err(StoreError {
-                action: "rename into place",
-                path: dest,
-                source,
-            });
+        if let Err(source) = file.sync_all() {
+            return Err(self.error("write", source));
         }
+        drop(file);
+        self.store.place(&self.tmp, &dest)?;
         self.done = true;
-        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-        sync_dir(&dir).map_err(|source| StoreError {
-            action: "fsync directory",
-            path: dir,
-            source,
-        })?;
         Ok((digest, self.len))
     }
 
