@@ -247,18 +247,7 @@ async fn prepare_counted(
         };
         prepare_blocking(&mut sink, &raw, limits, poison)
     });
-    let (digest, stored_at, prepared) = match job.await {
-        Ok(Ok(prepared)) => prepared,
-        Ok(Err(store_error)) => {
-            // Not the message's fault: the next run retries it without holding it against it.
-            forget_attempt(p, source).await;
-            return Err(store_error.into());
-        }
-        Err(join) => {
-            let detail = format!("internal error: {join}");
-            return Err(failed(p, source, attempt, detail).await);
-        }
-    };
+    let (digest, stored_at, prepared) = settled(p, source, attempt, job.await).await?;
     Ok(PreparedMessage {
         digest,
         raw_size,
@@ -335,20 +324,8 @@ pub async fn prepare_stored(
         });
     }
     let store = Arc::clone(&p.store);
-    let bytes = match tokio::task::spawn_blocking(move || store.get_verified(&digest)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) if e.action == "verify" => {
-            return Err(failed(p, source, attempt, e.to_string()).await);
-        }
-        Ok(Err(e)) => {
-            forget_attempt(p, source).await;
-            return Err(e.into());
-        }
-        Err(join) => {
-            let detail = format!("internal error: {join}");
-            return Err(failed(p, source, attempt, detail).await);
-        }
-    };
+    let read = tokio::task::spawn_blocking(move || store.get_verified(&digest)).await;
+    let bytes = settled(p, source, attempt, read).await?;
     let raw = RawMessage {
         bytes: Box::new(bytes),
         sha256: Some(digest),
@@ -580,6 +557,29 @@ pub async fn commit_batch(
             Ok(None)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a preparation's blocking job came to, for this attempt at the message. A store error
+/// is not the message's fault (a full disk, say): the attempt is taken back and the next run
+/// retries it. Stored bytes that no longer have their digest, and a panic, count against it.
+async fn settled<T>(
+    p: &Pipeline,
+    source: &Source,
+    attempt: u32,
+    joined: Result<Result<T, StoreError>, tokio::task::JoinError>,
+) -> Result<T, IngestError> {
+    match joined {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) if e.action == "verify" => Err(failed(p, source, attempt, e.to_string()).await),
+        Ok(Err(e)) => {
+            forget_attempt(p, source).await;
+            Err(e.into())
+        }
+        Err(join) => {
+            let detail = format!("internal error: {join}");
+            Err(failed(p, source, attempt, detail).await)
+        }
     }
 }
 
