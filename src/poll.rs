@@ -139,6 +139,21 @@ impl Poller<'_> {
         }
     }
 
+    fn ingest(&self) -> impl FnOnce(IngestError) -> PollError + '_ {
+        |source| PollError::Ingest {
+            mailbox: self.mb.id.clone(),
+            source,
+        }
+    }
+
+    /// A blocking task of this poll that panicked (a bug), as an ingest error.
+    fn internal(&self) -> impl FnOnce(tokio::task::JoinError) -> PollError + '_ {
+        |join| {
+            let max = self.ctx.pipeline.limits.max_attempts;
+            self.ingest()(IngestError::internal(0, max, &join))
+        }
+    }
+
     fn reg(&self) -> impl FnOnce(RegistryError) -> PollError + '_ {
         |source| PollError::Registry {
             mailbox: self.mb.id.clone(),
@@ -454,14 +469,12 @@ async fn take_in_parts(
         let (attempt, poison) = match crate::pipeline::count_attempt(pipeline, &source).await {
             Ok(counted) => counted,
             Err(e) => {
-                stop = Some(PollError::Ingest {
-                    mailbox: mb.id.clone(),
-                    source: e,
-                });
+                stop = Some(p.ingest()(e));
                 break;
             }
         };
         let started = std::time::Instant::now();
+        let mut session_spent = false;
         let parts = fetch_into_blob(p, session, uid, size, cancel).await;
         let result = match parts {
             Ok(Parts::Stored(digest, len)) if poison.is_some() || len == u64::from(size) => {
@@ -487,14 +500,8 @@ async fn take_in_parts(
             }
             Ok(Parts::Failed(detail)) => {
                 // Counted against this message; the session may be in no state for another.
-                let failure = crate::pipeline::failed(pipeline, &source, attempt, detail).await;
-                if let Err(e) = outcomes.note(uid, Err(failure)) {
-                    stop = Some(PollError::Ingest {
-                        mailbox: mb.id.clone(),
-                        source: e,
-                    });
-                }
-                break;
+                session_spent = true;
+                Err(crate::pipeline::failed(pipeline, &source, attempt, detail).await)
             }
             Ok(Parts::Vanished) => {
                 crate::pipeline::forget_attempt(pipeline, &source).await;
@@ -515,10 +522,10 @@ async fn take_in_parts(
         };
         committed |= result.is_ok();
         if let Err(e) = outcomes.note(uid, result) {
-            stop = Some(PollError::Ingest {
-                mailbox: mb.id.clone(),
-                source: e,
-            });
+            stop = Some(p.ingest()(e));
+            break;
+        }
+        if session_spent {
             break;
         }
     }
@@ -589,18 +596,11 @@ async fn fetch_into_blob(
     cancel: &CancellationToken,
 ) -> Result<Parts, PollError> {
     let store = Arc::clone(&p.ctx.pipeline.store);
-    let stored = |source: crate::raw_store::StoreError| PollError::Ingest {
-        mailbox: p.mb.id.clone(),
-        source: IngestError::Store(source),
-    };
-    let internal = |join: tokio::task::JoinError| PollError::Ingest {
-        mailbox: p.mb.id.clone(),
-        source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
-    };
+    let stored = |source| p.ingest()(IngestError::Store(source));
     let at_most = u64::from(advertised) * 2 + u64::from(PART_BYTES);
     let writer = tokio::task::spawn_blocking(move || store.writer())
         .await
-        .map_err(internal)?
+        .map_err(p.internal())?
         .map_err(stored)?;
     // Each part is written on a blocking thread while the next one is fetched.
     let mut slot = WriteSlot::Idle(writer);
@@ -639,7 +639,7 @@ async fn fetch_into_blob(
             )));
         }
         offset += len as u64;
-        let mut writer = slot.settle().await.map_err(internal)?.map_err(stored)?;
+        let mut writer = slot.settle().await.map_err(p.internal())?.map_err(stored)?;
         if !writer.is_empty() {
             failpoint::hit("between-parts");
         }
@@ -650,10 +650,10 @@ async fn fetch_into_blob(
             break;
         }
     }
-    let writer = slot.settle().await.map_err(internal)?.map_err(stored)?;
+    let writer = slot.settle().await.map_err(p.internal())?.map_err(stored)?;
     let (digest, len) = tokio::task::spawn_blocking(move || writer.finish())
         .await
-        .map_err(internal)?
+        .map_err(p.internal())?
         .map_err(stored)?;
     Ok(Parts::Stored(digest, len))
 }
@@ -677,10 +677,7 @@ impl FetchedBatch {
         hashing: tokio::task::JoinHandle<Vec<Received>>,
         p: &Poller<'_>,
     ) -> Result<Vec<Received>, PollError> {
-        hashing.await.map_err(|join| PollError::Ingest {
-            mailbox: p.mb.id.clone(),
-            source: IngestError::internal(0, p.ctx.pipeline.limits.max_attempts, &join),
-        })
+        hashing.await.map_err(p.internal())
     }
 }
 
@@ -891,10 +888,7 @@ async fn process_batches(
             if let Err(ack_error) = request_acks(&acks).await {
                 tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
             }
-            return Err(PollError::Ingest {
-                mailbox: mb.id.clone(),
-                source: e,
-            });
+            return Err(p.ingest()(e));
         }
         // Acknowledge what this batch committed before the next batch is taken.
         report.acked += request_acks(&acks).await?;
@@ -1258,10 +1252,7 @@ async fn process_batches_pipelined(
                 };
                 work.commit_each(fetched, &mut outcomes, cancel)
                     .await
-                    .map_err(|source| PollError::Ingest {
-                        mailbox: mb.id.clone(),
-                        source,
-                    })?;
+                    .map_err(p.ingest())?;
                 request_acks_later(&acks, &mut ack_reply, report).await?;
                 if report.interrupted {
                     break;
@@ -1298,10 +1289,7 @@ async fn process_batches_pipelined(
             };
             let stop = match (previous, staged) {
                 (Err(e), _) => Some(e),
-                (Ok(()), Err(source)) => Some(PollError::Ingest {
-                    mailbox: mb.id.clone(),
-                    source,
-                }),
+                (Ok(()), Err(source)) => Some(p.ingest()(source)),
                 // Its blobs may get published all the same: harmless, nothing refers to them.
                 (Ok(()), Ok(_)) if cancel.is_cancelled() => {
                     report.interrupted = true;
@@ -1386,10 +1374,7 @@ async fn finish(
         None => Ok(()),
         Some(source) => {
             forget_attempts(p, uidvalidity, &done.uids, registered).await;
-            Err(PollError::Ingest {
-                mailbox: p.mb.id.clone(),
-                source,
-            })
+            Err(p.ingest()(source))
         }
     }
 }
