@@ -559,18 +559,28 @@ async fn after_move_the_registered_mail_is_in_the_target_folder() {
     );
 }
 
-/// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is fetched in
-/// parts into its blob. Here the size limit is above it, so it is then read back, parsed and
-/// registered like any other; the messages around it are registered too, and all end `\Seen`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() {
+/// A bed whose `[limits]` set `max_message_bytes`, holding `big` between two fixtures (the first
+/// and the third); `big`'s UID.
+async fn bed_with_a_large_message(max_message_bytes: u64, big: &[u8]) -> (Bed, u32) {
     let mut bed = bed_with_apps().await;
-    bed.tables = "[limits]\nmax_message_bytes = 1073741824\n".into();
+    bed.tables = format!("[limits]\nmax_message_bytes = {max_message_bytes}\n");
     bed.configure(&[podatelna()]);
     let fixtures = fixtures();
     bed.dovecot
         .deliver(PODATELNA, "INBOX", &fixtures[0].1)
         .unwrap();
+    let big_uid = bed.dovecot.deliver(PODATELNA, "INBOX", big).unwrap();
+    bed.dovecot
+        .deliver(PODATELNA, "INBOX", &fixtures[2].1)
+        .unwrap();
+    (bed, big_uid)
+}
+
+/// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is fetched in
+/// parts into its blob. Here the size limit is above it, so it is then read back, parsed and
+/// registered like any other; the messages around it are registered too, and all end `\Seen`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() {
     let mut huge =
         b"From: a@example.cz\r\nTo: podatelna@urad.example\r\nSubject: huge\r\n\r\n".to_vec();
     let line = [b'A'; 998];
@@ -578,12 +588,9 @@ async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() 
         huge.extend_from_slice(&line);
         huge.extend_from_slice(b"\r\n");
     }
-    let huge_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &huge).unwrap();
     let (huge_sha256, huge_len) = (Sha256Digest::of(&huge), huge.len() as u64);
+    let (bed, huge_uid) = bed_with_a_large_message(1 << 30, &huge).await;
     drop(huge);
-    bed.dovecot
-        .deliver(PODATELNA, "INBOX", &fixtures[1].1)
-        .unwrap();
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -620,21 +627,11 @@ async fn a_message_too_large_for_one_fetch_is_fetched_in_parts_and_registered() 
 /// unseen, and nothing is recorded for it, at every poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_the_server_cannot_serve_fails_alone() {
-    let mut bed = bed_with_apps().await;
-    bed.tables = "[limits]\nmax_message_bytes = 1000000\n".into();
-    bed.configure(&[podatelna()]);
-    let fixtures = fixtures();
-    bed.dovecot
-        .deliver(PODATELNA, "INBOX", &fixtures[0].1)
-        .unwrap();
-    let mut big = fixtures[1].1.clone();
+    let mut big = fixtures()[1].1.clone();
     while big.len() < 3 * 1024 * 1024 {
         big.extend_from_slice(format!("{:077}\n", big.len()).as_bytes());
     }
-    let big_uid = bed.dovecot.deliver(PODATELNA, "INBOX", &big).unwrap();
-    bed.dovecot
-        .deliver(PODATELNA, "INBOX", &fixtures[2].1)
-        .unwrap();
+    let (bed, big_uid) = bed_with_a_large_message(1_000_000, &big).await;
     let maildir = bed
         .dovecot
         .dir()
