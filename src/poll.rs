@@ -850,6 +850,9 @@ async fn request_acks(acks: &mpsc::Sender<AckRequest>) -> Result<usize, PollErro
     wait.await.unwrap_or(Ok(0))
 }
 
+/// The message-commit loop ([`CommitMode::PerMessage`]): each message of a batch commits on its
+/// own; the batch's acknowledgement is requested once its messages committed, without waiting
+/// for it before the next batch (see [`request_acks_later`]).
 async fn process_batches(
     p: &Poller<'_>,
     mut batches: mpsc::Receiver<FetchedBatch>,
@@ -860,6 +863,7 @@ async fn process_batches(
     cancel: &CancellationToken,
 ) -> Result<(), PollError> {
     let mb = p.mb;
+    let mut ack_reply = None;
     while let Some(batch) = batches.recv().await {
         failpoint::hit("after-fetch");
         let got: HashSet<u32> = batch.uids.iter().copied().collect();
@@ -874,7 +878,15 @@ async fn process_batches(
             middle: batch.uids.len() / 2,
             size: batch.asked.len(),
         };
-        let fetched = FetchedBatch::hashed(batch.hashing, p).await?;
+        let fetched = match FetchedBatch::hashed(batch.hashing, p).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                if let Err(ack_error) = flush_acks(&acks, &mut ack_reply, report).await {
+                    tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+                }
+                return Err(e);
+            }
+        };
         let mut outcomes = Outcomes {
             mb,
             report: &mut *report,
@@ -885,18 +897,18 @@ async fn process_batches(
         if let Err(e) = result {
             // The run stops (disk full, database gone). What did commit is still
             // acknowledged if the server and database let us; if not, next run.
-            if let Err(ack_error) = request_acks(&acks).await {
+            if let Err(ack_error) = flush_acks(&acks, &mut ack_reply, report).await {
                 tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
             }
             return Err(p.ingest()(e));
         }
-        // Acknowledge what this batch committed before the next batch is taken.
-        report.acked += request_acks(&acks).await?;
+        // Acknowledge what this batch committed, while the next batch is processed.
+        request_acks_later(&acks, &mut ack_reply, report)?;
         if report.interrupted {
             break;
         }
     }
-    Ok(())
+    flush_acks(&acks, &mut ack_reply, report).await
 }
 
 /// One fetched batch being prepared and committed.
@@ -1191,7 +1203,7 @@ fn spawn_commit(pipeline: Pipeline, batch: PublishingBatch) -> AbortOnDrop<Commi
 /// batch k+1 is prepared and its blobs are flushed; commits stay in UID order (k+1 commits only
 /// after k committed, and only once its own blobs are durable), and each batch's
 /// acknowledgement is requested as soon as it committed, without waiting for it before going
-/// on (at most one request outstanding).
+/// on (see [`request_acks_later`]).
 async fn process_batches_pipelined(
     p: &Poller<'_>,
     mut batches: mpsc::Receiver<FetchedBatch>,
@@ -1253,7 +1265,7 @@ async fn process_batches_pipelined(
                 work.commit_each(fetched, &mut outcomes, cancel)
                     .await
                     .map_err(p.ingest())?;
-                request_acks_later(&acks, &mut ack_reply, report).await?;
+                request_acks_later(&acks, &mut ack_reply, report)?;
                 if report.interrupted {
                     break;
                 }
@@ -1284,7 +1296,7 @@ async fn process_batches_pipelined(
             );
             // An error here must not skip the taking back of this batch's attempts below.
             let previous = match previous {
-                Ok(()) => request_acks_later(&acks, &mut ack_reply, report).await,
+                Ok(()) => request_acks_later(&acks, &mut ack_reply, report),
                 Err(e) => Err(e),
             };
             let stop = match (previous, staged) {
@@ -1320,16 +1332,11 @@ async fn process_batches_pipelined(
         tracing::warn!(mailbox = %mb.id, error = %e, "the batch committing when the poll stopped did not commit");
     }
     // Acknowledge what committed, whatever stopped the loop.
-    if let Err(e) = request_acks_later(&acks, &mut ack_reply, report).await {
-        tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run");
-    }
-    if let Some(reply) = ack_reply.take() {
-        match reply.await.unwrap_or(Ok(0)) {
-            Ok(n) => report.acked += n,
-            Err(e) if result.is_ok() => return Err(e),
-            Err(e) => {
-                tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run")
-            }
+    match flush_acks(&acks, &mut ack_reply, report).await {
+        Ok(()) => {}
+        Err(e) if result.is_ok() => return Err(e),
+        Err(e) => {
+            tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run")
         }
     }
     result
@@ -1406,9 +1413,41 @@ async fn forget_attempts(
     }
 }
 
-/// Collects the previous acknowledgement request's answer, then asks for the pending ones
-/// without waiting: the fetcher performs them while the next batch is processed.
-async fn request_acks_later(
+/// Asks for the pending acknowledgements without waiting for anything: the fetcher performs
+/// them between fetches while the next batches are processed. At most one request is
+/// outstanding. While it is unanswered nothing new is asked: served later, it drains every
+/// acknowledgement pending then, this batch's included; if the fetcher had already taken it
+/// when this batch committed, the next call (or [`flush_acks`]) asks again. Waiting here for
+/// the previous answer stalled the processor behind whatever fetch was running.
+fn request_acks_later(
+    acks: &mpsc::Sender<AckRequest>,
+    outstanding: &mut Option<oneshot::Receiver<Result<usize, PollError>>>,
+    report: &mut PollReport,
+) -> Result<(), PollError> {
+    if let Some(reply) = outstanding.as_mut() {
+        match reply.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+            // The fetcher stopped without answering: it reports why.
+            Err(oneshot::error::TryRecvError::Closed) => *outstanding = None,
+            Ok(answer) => {
+                *outstanding = None;
+                report.acked += answer?;
+            }
+        }
+    }
+    let (done, reply) = oneshot::channel();
+    // Full cannot happen (one outstanding request, a channel of one); closed: the fetcher
+    // stopped, and reports why.
+    if acks.try_send(done).is_ok() {
+        *outstanding = Some(reply);
+    }
+    Ok(())
+}
+
+/// Acknowledges everything committed so far and waits until it is done: the outstanding
+/// request's answer first, then one more request, which covers whatever committed after the
+/// fetcher took the outstanding one.
+async fn flush_acks(
     acks: &mpsc::Sender<AckRequest>,
     outstanding: &mut Option<oneshot::Receiver<Result<usize, PollError>>>,
     report: &mut PollReport,
@@ -1416,10 +1455,7 @@ async fn request_acks_later(
     if let Some(reply) = outstanding.take() {
         report.acked += reply.await.unwrap_or(Ok(0))?;
     }
-    let (done, reply) = oneshot::channel();
-    if acks.send(done).await.is_ok() {
-        *outstanding = Some(reply);
-    }
+    report.acked += request_acks(acks).await?;
     Ok(())
 }
 
