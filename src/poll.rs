@@ -864,51 +864,42 @@ async fn process_batches(
 ) -> Result<(), PollError> {
     let mb = p.mb;
     let mut ack_reply = None;
-    while let Some(batch) = batches.recv().await {
-        failpoint::hit("after-fetch");
-        let got: HashSet<u32> = batch.uids.iter().copied().collect();
-        for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
-            tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
-            report.vanished.push(*uid);
-        }
-        let work = Batch {
-            p,
-            uidvalidity,
-            fetched_at: batch.fetched_at,
-            middle: batch.uids.len() / 2,
-            size: batch.asked.len(),
-        };
-        let fetched = match FetchedBatch::hashed(batch.hashing, p).await {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                if let Err(ack_error) = flush_acks(&acks, &mut ack_reply, report).await {
-                    tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
-                }
-                return Err(e);
+    let result = async {
+        while let Some(batch) = batches.recv().await {
+            failpoint::hit("after-fetch");
+            let got: HashSet<u32> = batch.uids.iter().copied().collect();
+            for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
+                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
+                report.vanished.push(*uid);
             }
-        };
-        let mut outcomes = Outcomes {
-            mb,
-            report: &mut *report,
-            registered: &mut *registered,
-        };
-        let result = work.commit_each(fetched, &mut outcomes, cancel).await;
-        drop(batch.budget); // its raw bytes are gone
-        if let Err(e) = result {
-            // The run stops (disk full, database gone). What did commit is still
-            // acknowledged if the server and database let us; if not, next run.
-            if let Err(ack_error) = flush_acks(&acks, &mut ack_reply, report).await {
-                tracing::warn!(mailbox = %mb.id, error = %ack_error, "acknowledgements left for the next run");
+            let work = Batch {
+                p,
+                uidvalidity,
+                fetched_at: batch.fetched_at,
+                middle: batch.uids.len() / 2,
+                size: batch.asked.len(),
+            };
+            let fetched = FetchedBatch::hashed(batch.hashing, p).await?;
+            let mut outcomes = Outcomes {
+                mb,
+                report: &mut *report,
+                registered: &mut *registered,
+            };
+            let result = work.commit_each(fetched, &mut outcomes, cancel).await;
+            drop(batch.budget); // its raw bytes are gone
+            // An error stops the run (disk full, database gone); what did commit is still
+            // acknowledged below.
+            result.map_err(p.ingest())?;
+            // Acknowledge what this batch committed, while the next batch is processed.
+            request_acks_later(&acks, &mut ack_reply, report)?;
+            if report.interrupted {
+                break;
             }
-            return Err(p.ingest()(e));
         }
-        // Acknowledge what this batch committed, while the next batch is processed.
-        request_acks_later(&acks, &mut ack_reply, report)?;
-        if report.interrupted {
-            break;
-        }
+        Ok(())
     }
-    flush_acks(&acks, &mut ack_reply, report).await
+    .await;
+    acknowledge_committed(p, &acks, &mut ack_reply, report, result).await
 }
 
 /// One fetched batch being prepared and committed.
@@ -1331,15 +1322,7 @@ async fn process_batches_pipelined(
     {
         tracing::warn!(mailbox = %mb.id, error = %e, "the batch committing when the poll stopped did not commit");
     }
-    // Acknowledge what committed, whatever stopped the loop.
-    match flush_acks(&acks, &mut ack_reply, report).await {
-        Ok(()) => {}
-        Err(e) if result.is_ok() => return Err(e),
-        Err(e) => {
-            tracing::warn!(mailbox = %mb.id, error = %e, "acknowledgements left for the next run")
-        }
-    }
-    result
+    acknowledge_committed(p, &acks, &mut ack_reply, report, result).await
 }
 
 /// Waits for a batch's commit (if one is running) and notes its outcomes; an error that
@@ -1457,6 +1440,26 @@ async fn flush_acks(
     }
     report.acked += request_acks(acks).await?;
     Ok(())
+}
+
+/// The end of a processing loop, whatever stopped it: what committed is acknowledged if the
+/// server and the database let us, else by the next run. A failed acknowledgement is the poll's
+/// error unless the loop's own error (`result`) came first; then it is only logged.
+async fn acknowledge_committed(
+    p: &Poller<'_>,
+    acks: &mpsc::Sender<AckRequest>,
+    outstanding: &mut Option<oneshot::Receiver<Result<usize, PollError>>>,
+    report: &mut PollReport,
+    result: Result<(), PollError>,
+) -> Result<(), PollError> {
+    match flush_acks(acks, outstanding, report).await {
+        Ok(()) => result,
+        Err(e) if result.is_ok() => Err(e),
+        Err(e) => {
+            tracing::warn!(mailbox = %p.mb.id, error = %e, "acknowledgements left for the next run");
+            result
+        }
+    }
 }
 
 /// A spawned task that is aborted when its handle is dropped (an early return).
