@@ -436,6 +436,36 @@ async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
     registers_one(&bed).await;
 }
 
+/// Two workers on one registry (two processes, each with its own pool and cache) whose access
+/// tokens run out together refresh the same delegated credential at once, against a slow
+/// provider that rotates refresh tokens and refuses a used one. They take turns: each exchanges
+/// the refresh token the other stored, neither is refused, and the newest one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_refreshing_one_delegated_credential_at_once_take_turns() {
+    let (bed, _db, first) = signed_in_service().await;
+    let config = mailintake::config::Config::load(&bed.config).unwrap();
+    let store = TokenStore::new(bed.registry().await, TokenKey::parse(KEY_HEX).unwrap());
+    let second = mailintake::credentials::Credentials::from_config(&config, Some(store)).unwrap();
+    bed.idp.set_token_delay(Duration::from_millis(400));
+    for round in 1..=2 {
+        first.invalidate("user").await;
+        second.invalidate("user").await;
+        let before = bed.idp.refresh_requests();
+        let (a, b) = tokio::join!(first.login("user", USER), second.login("user", USER));
+        assert!(a.is_ok(), "round {round}, first worker: {:?}", a.err());
+        assert!(b.is_ok(), "round {round}, second worker: {:?}", b.err());
+        assert_eq!(bed.idp.refresh_requests() - before, 2, "round {round}");
+        let stored = stored_refresh_token(&bed).await.unwrap();
+        assert_eq!(
+            bed.idp.live_refresh_tokens("client-desktop"),
+            vec![stored],
+            "round {round}: the newest refresh token is the stored one"
+        );
+    }
+    bed.idp.set_token_delay(Duration::ZERO);
+    registers_one(&bed).await;
+}
+
 /// A token kept in memory (the store refused it) gives way to a newer sign-in: an
 /// administrator's `auth login` stored meanwhile is what the next refresh uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,7 +89,41 @@ both_backends!(
     nul_bytes_in_text_do_not_break_either_backend,
     many_processes_opening_a_fresh_registry_at_once_all_succeed,
     a_lost_acknowledgement_is_queued_again_at_most_three_times,
+    a_credential_lock_is_held_by_one_process_at_a_time,
 );
+
+/// Two registries on one database (as two worker processes have): while one holds a
+/// credential's lock the other waits for it, not for another credential's; released, or
+/// dropped (a refresh that returned early), it passes on at once.
+async fn a_credential_lock_is_held_by_one_process_at_a_time(db: &TestDb) {
+    use std::time::Duration;
+    let one = Registry::open(&db.url()).await.unwrap();
+    let two = Registry::open(&db.url()).await.unwrap();
+    let held = one.lock_credential("user").await.unwrap();
+    let waiting = tokio::spawn({
+        let two = two.clone();
+        async move { two.lock_credential("user").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "took a lock another process holds");
+    let other = tokio::time::timeout(Duration::from_secs(5), two.lock_credential("app"))
+        .await
+        .expect("another credential's lock is not held")
+        .unwrap();
+    other.release().await.unwrap();
+    held.release().await.unwrap();
+    let passed = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("released, the lock passes on")
+        .unwrap()
+        .unwrap();
+    drop(passed);
+    let again = tokio::time::timeout(Duration::from_secs(5), one.lock_credential("user"))
+        .await
+        .expect("dropped, the lock passes on")
+        .unwrap();
+    again.release().await.unwrap();
+}
 
 async fn a_lost_acknowledgement_is_queued_again_at_most_three_times(db: &TestDb) {
     let r = Registry::open(&db.url()).await.unwrap();

@@ -129,6 +129,34 @@ impl Delegated {
     pub(super) async fn refresh(&self) -> Result<CachedToken, CredentialError> {
         let store = self.store()?;
         let kept = self.unsaved.lock().ok().and_then(|slot| slot.clone());
+        // Another worker on the same registry may be refreshing this credential right now:
+        // take turns, so that no refresh token is ever exchanged twice (a rotating provider
+        // refuses the second use, and some revoke every token of the sign-in for it).
+        let lock = match (store.lock(&self.credential).await, &kept) {
+            (Ok(lock), _) => Some(lock),
+            // The store is failing: go on with the token kept in memory, as below.
+            (Err(e), Some(_)) => {
+                tracing::warn!(credential = %self.credential, error = %e, "refreshing without the credential lock");
+                None
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let result = self.refresh_holding_lock(store, kept).await;
+        if let Some(lock) = lock
+            && let Err(e) = lock.release().await
+        {
+            tracing::warn!(credential = %self.credential, error = %e, "could not release the credential lock");
+        }
+        result
+    }
+
+    /// [`Self::refresh`] once this process holds the credential's lock (or could not get it
+    /// and has a token of its own in memory).
+    async fn refresh_holding_lock(
+        &self,
+        store: &TokenStore,
+        kept: Option<(Secret, Option<String>)>,
+    ) -> Result<CachedToken, CredentialError> {
         let stored = match (store.load(&self.credential).await, &kept) {
             (Ok(stored), _) => stored,
             // The store cannot be read either: go on with the token kept in memory.

@@ -7,7 +7,7 @@ use openssl::symm::{Cipher, decrypt_aead, encrypt_aead};
 
 use super::CredentialError;
 use crate::config::TokenKey;
-use crate::registry::Registry;
+use crate::registry::{CredentialLock, Registry};
 use crate::secret::Secret;
 
 const NONCE: usize = 12;
@@ -84,6 +84,15 @@ impl TokenStore {
         String::from_utf8(plain)
             .map(Secret::new)
             .map_err(|_| store_error(credential, "decrypted token is not text".into()))
+    }
+
+    /// Waits until no other process is refreshing this credential, then holds it off until
+    /// the lock is released (see [`CredentialLock`]).
+    pub async fn lock(&self, credential: &str) -> Result<CredentialLock, CredentialError> {
+        self.registry
+            .lock_credential(credential)
+            .await
+            .map_err(|e| store_error(credential, e.to_string()))
     }
 
     pub async fn load(&self, credential: &str) -> Result<Option<StoredToken>, CredentialError> {

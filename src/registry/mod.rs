@@ -19,7 +19,7 @@ mod records;
 mod sync;
 mod tokens;
 
-pub use tokens::TokenRow;
+pub use tokens::{CredentialLock, TokenRow};
 
 use crate::parse::{Address, Submission};
 use crate::raw_store::Sha256Digest;
@@ -271,6 +271,9 @@ pub struct Event {
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
+    /// The SQLite database file (None for PostgreSQL and in-memory databases): lock files
+    /// live beside it.
+    sqlite_file: Option<std::sync::Arc<Path>>,
     numbering: std::sync::Arc<numbers::Numbering>,
 }
 
@@ -464,6 +467,10 @@ impl Registry {
         Ok(Registry {
             pool,
             backend,
+            sqlite_file: match backend {
+                Backend::Sqlite => sqlite_path(url).map(|p| std::sync::Arc::from(p.as_path())),
+                Backend::Postgres => None,
+            },
             numbering: std::sync::Arc::new(numbers::Numbering::default()),
         })
     }

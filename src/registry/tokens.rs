@@ -1,9 +1,54 @@
 //! Encrypted refresh tokens of delegated credentials (the ciphertext only; keys and
 //! encryption live in `credentials::store`).
 
+use std::time::{Duration, Instant};
+
 use sqlx::Row;
 
-use super::{Registry, RegistryError, now};
+use super::{Backend, Registry, RegistryError, now};
+use crate::raw_store::Sha256Digest;
+
+/// How long a refresh waits for another process's refresh of the same credential. Theirs is
+/// bounded by the token endpoint's timeout (30 s), so this is only reached if that process
+/// hangs with the lock held.
+const CREDENTIAL_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Held by the one process that refreshes a credential's token: from reading the stored
+/// refresh token to storing the one that replaces it. A provider that rotates refresh tokens
+/// and refuses a used one (or revokes the whole family when one is used twice) must never see
+/// two processes exchange the same token. PostgreSQL: a transaction-level advisory lock on a
+/// connection of its own; SQLite: an exclusive lock on a file beside the database, per
+/// credential. Released by [`CredentialLock::release`], or when dropped.
+pub struct CredentialLock(Held);
+
+enum Held {
+    Postgres(sqlx::Transaction<'static, sqlx::Any>),
+    File(std::fs::File),
+    /// An in-memory SQLite database: no other process can open it.
+    Nothing,
+}
+
+impl CredentialLock {
+    pub async fn release(self) -> Result<(), RegistryError> {
+        match self.0 {
+            Held::Postgres(tx) => tx
+                .commit()
+                .await
+                .map_err(RegistryError::db("release the credential lock")),
+            Held::File(file) => {
+                drop(file);
+                Ok(())
+            }
+            Held::Nothing => Ok(()),
+        }
+    }
+}
+
+/// A stable name for a credential in lock keys and lock file names (its own name may hold
+/// any character).
+fn lock_key(credential: &str) -> [u8; 32] {
+    Sha256Digest::of(format!("mailintake credential lock\0{credential}").as_bytes()).0
+}
 
 /// One stored token row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +60,48 @@ pub struct TokenRow {
 }
 
 impl Registry {
+    /// Waits (at most a minute) until no other process holds this credential's lock, then
+    /// holds it: see [`CredentialLock`].
+    pub async fn lock_credential(&self, credential: &str) -> Result<CredentialLock, RegistryError> {
+        let key = lock_key(credential);
+        match self.backend {
+            Backend::Postgres => {
+                let mut tx = self
+                    .pool
+                    .begin()
+                    .await
+                    .map_err(RegistryError::db("begin the credential lock"))?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SET LOCAL lock_timeout = '{}s'",
+                    CREDENTIAL_LOCK_WAIT.as_secs()
+                )))
+                .execute(&mut *tx)
+                .await
+                .map_err(RegistryError::db("set the credential lock's timeout"))?;
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&key[..8]);
+                // Counted, not selected: the Any driver cannot decode `void`.
+                sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS held")
+                    .bind(i64::from_be_bytes(id))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(RegistryError::db("take the credential lock"))?;
+                Ok(CredentialLock(Held::Postgres(tx)))
+            }
+            Backend::Sqlite => match &self.sqlite_file {
+                Some(db) => {
+                    let mut name = db.as_os_str().to_owned();
+                    name.push(format!(".credential-{}.lock", hex::encode(&key[..8])));
+                    lock_file_within(std::path::PathBuf::from(name), CREDENTIAL_LOCK_WAIT)
+                        .await
+                        .map(|file| CredentialLock(Held::File(file)))
+                        .map_err(RegistryError::db("take the credential lock"))
+                }
+                None => Ok(CredentialLock(Held::Nothing)),
+            },
+        }
+    }
+
     /// Stores (or replaces) the credential's token: the old one is gone in the same statement.
     pub async fn put_credential_token(
         &self,
@@ -67,5 +154,38 @@ impl Registry {
             .await
             .map_err(RegistryError::db("record credential token use"))?;
         Ok(())
+    }
+}
+
+/// An exclusive lock on the file at `path` (created if missing), waited for at most `wait`.
+/// Polled rather than blocking a thread on it, so that a hung holder costs no thread.
+async fn lock_file_within(
+    path: std::path::PathBuf,
+    wait: Duration,
+) -> Result<std::fs::File, sqlx::Error> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{} is still locked by another process after {} s",
+                        path.display(),
+                        wait.as_secs()
+                    ),
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(sqlx::Error::Io(e)),
+        }
     }
 }

@@ -7,7 +7,7 @@ mod token;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -147,6 +147,8 @@ struct Shared {
     down: AtomicBool,
     /// Token answers carry `expires_in` as a JSON string (as some OAuth2 providers send it).
     expires_in_as_string: AtomicBool,
+    /// Milliseconds every token request waits before it is handled (a slow identity platform).
+    token_delay_ms: AtomicU64,
 }
 
 /// Tenants, app registrations, users, issued tokens and codes, and test settings.
@@ -348,6 +350,7 @@ impl IdentityPlatform {
             tokeninfo_requests: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             expires_in_as_string: AtomicBool::new(false),
+            token_delay_ms: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", any(token::token_endpoint))
@@ -791,6 +794,16 @@ impl IdentityPlatform {
             .shared
             .expires_in_as_string
             .store(on, Ordering::SeqCst);
+    }
+
+    /// Makes every token request from now on wait `delay` before it is handled, as a slow
+    /// identity platform would: two clients that send theirs close together are both in flight.
+    pub fn set_token_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.handle
+            .shared
+            .token_delay_ms
+            .store(ms, Ordering::SeqCst);
     }
 
     /// While `down` is true every endpoint answers HTTP 503.

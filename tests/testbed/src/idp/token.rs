@@ -104,6 +104,10 @@ pub(super) async fn token_endpoint(
     if method != Method::POST {
         return AadError::new(900561, &[("method", method.as_str())]).into_response(correlation_id);
     }
+    let delay = shared.token_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let params = Params::parse(&body);
     if params.get("grant_type") == Some("refresh_token") {
         shared.refresh_requests.fetch_add(1, Ordering::SeqCst);
