@@ -314,9 +314,18 @@ async fn poll_session(
             .limits
             .max_message_bytes
             .min(crate::imap::MAX_FETCH_BYTES);
-        let (sizes, large): (Vec<_>, Vec<_>) = sizes
-            .into_iter()
-            .partition(|(_, size)| u64::from(*size) <= in_parts_above);
+        // So is a message that was in a fetch the server failed before (it dropped the
+        // connection or stopped answering, as Dovecot does when a message's file is damaged):
+        // the failed batch's messages are taken one by one after the others, fewest failures
+        // first, so that the one the server cannot serve holds up nothing but itself.
+        let failures = registry
+            .fetch_failures(&mb.id, &mb.folder, selected.uidvalidity, &todo)
+            .await
+            .map_err(p.reg())?;
+        let (sizes, mut large): (Vec<_>, Vec<_>) = sizes.into_iter().partition(|(uid, size)| {
+            u64::from(*size) <= in_parts_above && !failures.contains_key(uid)
+        });
+        large.sort_by_key(|(uid, _)| (failures.get(uid).copied().unwrap_or(0), *uid));
         let tuning = &p.ctx.config.imap;
         let plan = batches(&sizes, tuning.batch_max_messages, tuning.batch_max_bytes);
         // The next batches are fetched while this one is processed. Memory is bounded by bytes:
@@ -433,7 +442,8 @@ fn source_of(mb: &MailboxConfig, uidvalidity: u32, uid: u32, fetched_at: String)
 /// The part size for messages fetched in parts: one response of this size is held at a time.
 const PART_BYTES: u32 = 8 * 1024 * 1024;
 
-/// Takes the messages too large to hold (UID, RFC822.SIZE), one at a time. Each attempt is
+/// Takes the messages too large to hold, and those in a fetch the server failed before (UID,
+/// RFC822.SIZE), one at a time, in the order given (fewest failed fetches first). Each attempt is
 /// counted before its fetch; the message is fetched in parts into a blob ([`fetch_into_blob`]),
 /// committed like any other (`too-large` above the limit, see
 /// [`crate::pipeline::prepare_stored`]), and acknowledged after its commit. A message the server
@@ -501,6 +511,7 @@ async fn take_in_parts(
             Ok(Parts::Failed(detail)) => {
                 // Counted against this message; the session may be in no state for another.
                 session_spent = true;
+                note_fetch_failure(p, uidvalidity, &[uid], &detail).await;
                 Err(crate::pipeline::failed(pipeline, &source, attempt, detail).await)
             }
             Ok(Parts::Vanished) => {
@@ -516,6 +527,11 @@ async fn take_in_parts(
             }
             Err(e) => {
                 crate::pipeline::forget_attempt(pipeline, &source).await;
+                // The connection failed while the server was sending this message: next time
+                // it comes after the others (it may be the server's trouble with this one).
+                if let PollError::Imap { source: imap, .. } = &e {
+                    note_fetch_failure(p, uidvalidity, &[uid], &imap.to_string()).await;
+                }
                 stop = Some(e);
                 break;
             }
@@ -756,7 +772,13 @@ async fn fetch_batches(
             return Ok(()); // the processor stopped; it reports why
         };
         let started = std::time::Instant::now();
-        let fetched = session.fetch_raw(&asked).await.map_err(p.imap())?;
+        let fetched = match session.fetch_raw(&asked).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                note_fetch_failure(p, uidvalidity, &asked, &e.to_string()).await;
+                return Err(p.imap()(e));
+            }
+        };
         let bytes = fetched.iter().map(|f| f.raw().len()).sum::<usize>();
         let received = std::time::Instant::now();
         tracing::debug!(
@@ -799,6 +821,29 @@ async fn fetch_batches(
         }
     }
     Ok(())
+}
+
+/// Counts a failed fetch against the messages it asked for, so that the next polls take them
+/// one by one after the other mail (see `poll_session`). Logged if the registry cannot take it:
+/// the poll fails with the fetch's error anyway.
+async fn note_fetch_failure(p: &Poller<'_>, uidvalidity: u32, uids: &[u32], error: &str) {
+    let mb = p.mb;
+    tracing::warn!(
+        mailbox = %mb.id,
+        messages = uids.len(),
+        first_uid = uids.first().copied(),
+        error,
+        "the server failed during a fetch; its messages are fetched one by one after the other mail from now on"
+    );
+    if let Err(e) = p
+        .ctx
+        .pipeline
+        .registry
+        .note_fetch_failure(&mb.id, &mb.folder, uidvalidity, uids, error)
+        .await
+    {
+        tracing::warn!(mailbox = %mb.id, error = %e, "could not record the failed fetch");
+    }
 }
 
 /// Waits for `ready` while serving the processor's acknowledgement requests. None when `ready`

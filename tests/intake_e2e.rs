@@ -1260,3 +1260,88 @@ async fn large_mail_is_stored_byte_exact_in_both_commit_modes() {
         assert!(leftovers.is_empty(), "{batch}: {leftovers:?}");
     }
 }
+
+/// A small message the server cannot serve: its file was cut short behind Dovecot's back, and
+/// Dovecot drops the connection when it finds fewer bytes than its index promised. It was in
+/// the first batch, so that batch's fetch fails (exit 1) and nothing is registered; from then on
+/// that batch's messages are fetched one by one after the other mail, fewest failures first.
+/// Every other message is registered once and ends `\Seen` by the fourth poll; the broken one
+/// stays unseen with nothing recorded, reported at every poll, and holds up nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_message_the_server_cannot_serve_holds_up_no_other() {
+    let mut bed = bed_with_apps().await;
+    bed.imap_extra = "batch_max_messages = 3".into();
+    bed.configure(&[podatelna()]);
+    let mut broken_uid = 0;
+    for (i, (_, raw)) in fixtures().into_iter().enumerate().take(6) {
+        let mut raw = raw;
+        if i == 1 {
+            raw.extend_from_slice(format!("{:0>20000}\n", "cut-short").as_bytes());
+        }
+        let uid = bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
+        if i == 1 {
+            broken_uid = uid;
+        }
+    }
+    let maildir = bed
+        .dovecot
+        .dir()
+        .join("mail")
+        .join(PODATELNA)
+        .join("Maildir/INBOX");
+    let file = ["new", "cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(maildir.join(d)).into_iter().flatten())
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            std::fs::read(p)
+                .unwrap()
+                .windows(10)
+                .any(|w| w == b"cut-short\n")
+        })
+        .expect("the broken message's maildir file");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 10_000)
+        .unwrap();
+
+    // Registered after each poll: the batch with the broken message fails the first; the
+    // second takes the other batch, then the failed batch's messages alone until the broken
+    // one fails again; the third takes the rest (the broken one, failed twice, comes last);
+    // the fourth acknowledges what the third could not (its session was gone).
+    for (poll, registered) in [(1, 0), (2, 4), (3, 5), (4, 5)] {
+        let out = bed.run_once().await;
+        assert_eq!(out.status.code(), Some(1), "poll {poll}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("connection lost during UID FETCH BODY.PEEK[]"),
+            "poll {poll}: {}",
+            text(&out)
+        );
+        let rows = bed.registry().await.list(None, 20).await.unwrap();
+        assert_eq!(rows.len(), registered, "poll {poll}: {}", text(&out));
+        let seen = bed.seen(PODATELNA, "INBOX");
+        assert_eq!(seen.get(&broken_uid), Some(&false), "poll {poll}");
+        if poll == 4 {
+            assert!(
+                seen.iter().all(|(uid, s)| *s == (*uid != broken_uid)),
+                "poll {poll}: {seen:?}"
+            );
+        }
+    }
+    let mut shas: Vec<_> = bed
+        .registry()
+        .await
+        .list(None, 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.raw_sha256)
+        .collect();
+    shas.sort();
+    shas.dedup();
+    assert_eq!(shas.len(), 5, "five different messages, each once");
+}

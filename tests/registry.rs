@@ -90,7 +90,46 @@ both_backends!(
     many_processes_opening_a_fresh_registry_at_once_all_succeed,
     a_lost_acknowledgement_is_queued_again_at_most_three_times,
     a_credential_lock_is_held_by_one_process_at_a_time,
+    fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration,
 );
+
+async fn fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration(
+    db: &TestDb,
+) {
+    use std::collections::HashMap;
+    let r = Registry::open(&db.url()).await.unwrap();
+    r.note_fetch_failure("podatelna", "INBOX", 7, &[5, 6], "connection lost")
+        .await
+        .unwrap();
+    r.note_fetch_failure("podatelna", "INBOX", 7, &[6], "timed out")
+        .await
+        .unwrap();
+    r.note_fetch_failure("podatelna", "INBOX", 8, &[5], "another UIDVALIDITY")
+        .await
+        .unwrap();
+    let failures = r
+        .fetch_failures("podatelna", "INBOX", 7, &[5, 6, 9])
+        .await
+        .unwrap();
+    assert_eq!(failures, HashMap::from([(5, 1), (6, 2)]));
+    // Not processing attempts: the batch is counted as one, its messages never attempted.
+    assert!(
+        r.begin_batch_attempts("podatelna", "INBOX", 7, &[5, 6])
+            .await
+            .unwrap()
+    );
+    let (raw, s) = fixture(0);
+    register(&r, &imap(5), &raw, &s).await;
+    let failures = r
+        .fetch_failures("podatelna", "INBOX", 7, &[5, 6])
+        .await
+        .unwrap();
+    assert_eq!(
+        failures,
+        HashMap::from([(6, 2)]),
+        "cleared by the registration"
+    );
+}
 
 /// Two registries on one database (as two worker processes have): while one holds a
 /// credential's lock the other waits for it, not for another credential's; released, or

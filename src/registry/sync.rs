@@ -1,7 +1,7 @@
 //! Sync state per polled folder (UIDVALIDITY, high-water mark), which UIDs are known, and the
 //! processing attempts that detect poison messages.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 
@@ -301,6 +301,88 @@ impl Registry {
             .map_err(RegistryError::db("take back processing attempts"))?;
         }
         Ok(())
+    }
+
+    /// Counts a failed fetch (the server dropped the connection or stopped answering while
+    /// sending a fetch that included these messages) against each of `uids`, with the error.
+    /// Not a processing attempt: see [`Registry::fetch_failures`].
+    pub async fn note_fetch_failure(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+        error: &str,
+    ) -> Result<(), RegistryError> {
+        let b = self.backend;
+        let at = now();
+        let error = clean(error);
+        let rows = uids
+            .iter()
+            .map(|uid| {
+                vec![
+                    V::T(Some(mailbox_id.to_owned())),
+                    V::T(Some(folder.to_owned())),
+                    V::I(Some(i64::from(uidvalidity))),
+                    V::I(Some(i64::from(*uid))),
+                    V::I(Some(0)),
+                    V::I(Some(1)),
+                    V::T(Some(error.clone())),
+                    V::T(Some(at.clone())),
+                ]
+            })
+            .collect();
+        let mut tx = self.begin_write().await?;
+        insert_rows(
+            &mut tx,
+            b,
+            "processing_attempts (mailbox_id, folder, uidvalidity, uid, attempts, fetch_failures, last_error, updated_at)",
+            "ON CONFLICT (mailbox_id, folder, uidvalidity, uid) DO UPDATE \
+             SET fetch_failures = processing_attempts.fetch_failures + 1, \
+             last_error = excluded.last_error, updated_at = excluded.updated_at",
+            rows,
+            "count fetch failures",
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit fetch failures"))
+    }
+
+    /// The messages among `uids` that were in a fetch the server failed, with how often: they
+    /// are fetched alone, after the other mail, fewest failures first.
+    pub async fn fetch_failures(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<HashMap<u32, u32>, RegistryError> {
+        let here = FolderUids {
+            mailbox_id,
+            folder,
+            uidvalidity: i64::from(uidvalidity),
+        };
+        let uids: Vec<i64> = uids.iter().map(|u| i64::from(*u)).collect();
+        let mut out = HashMap::new();
+        for chunk in uids.chunks(ATTEMPT_CHUNK) {
+            let rows = here
+                .query(
+                    self.backend,
+                    "SELECT uid, fetch_failures FROM processing_attempts",
+                    "AND fetch_failures > 0",
+                    chunk,
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(RegistryError::db("look up fetch failures"))?;
+            for row in rows {
+                let uid = row.get::<i64, _>(0) as u32;
+                let failures = u32::try_from(row.get::<i64, _>(1)).unwrap_or(u32::MAX);
+                out.insert(uid, failures);
+            }
+        }
+        Ok(out)
     }
 
     /// Takes back the attempt counted by [`Registry::begin_attempt`] when the failure was the
