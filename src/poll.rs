@@ -639,8 +639,8 @@ async fn fetch_into_blob(
             if offset > 0 && offset == u64::from(advertised) {
                 break;
             }
-            return match session.uid_search(&format!("UID {uid}")).await {
-                Ok(found) if !found.contains(&uid) => Ok(Parts::Vanished),
+            return match session.present(&[uid]).await {
+                Ok(found) if found.is_empty() => Ok(Parts::Vanished),
                 Ok(_) => Ok(Parts::Refused(format!(
                     "the server returned no bytes of it from offset {offset} (it refused the partial fetch?)"
                 ))),
@@ -681,6 +681,8 @@ struct FetchedBatch {
     asked: Vec<u32>,
     /// The UIDs the server returned, in order.
     uids: Vec<u32>,
+    /// Asked for, not returned, and still in the mailbox (see [`withheld`]).
+    withheld: Vec<u32>,
     hashing: tokio::task::JoinHandle<Vec<Received>>,
     fetched_at: String,
     /// Its share of the in-flight byte budget, given back once its raw bytes are dropped.
@@ -688,6 +690,23 @@ struct FetchedBatch {
 }
 
 impl FetchedBatch {
+    /// Reports the messages asked for and not returned: withheld by the server (a failure of
+    /// this message, fetched alone next time) or expunged meanwhile.
+    fn note_missing(&self, mb: &MailboxConfig, report: &mut PollReport) {
+        let got: HashSet<u32> = self.uids.iter().copied().collect();
+        for &uid in self.asked.iter().filter(|u| !got.contains(u)) {
+            if self.withheld.contains(&uid) {
+                let detail = "the server did not send this message, though it is still in the \
+                              mailbox; it is fetched alone after the other mail from now on";
+                tracing::error!(mailbox = %mb.id, uid, "{detail}");
+                report.failed.push((uid, detail.to_owned()));
+            } else {
+                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH and is no longer in the mailbox (expunged meanwhile)");
+                report.vanished.push(uid);
+            }
+        }
+    }
+
     /// The batch's messages, once hashed.
     async fn hashed(
         hashing: tokio::task::JoinHandle<Vec<Received>>,
@@ -789,7 +808,12 @@ async fn fetch_batches(
             fetch_ms = (received - started).as_secs_f64() * 1e3,
             "batch fetched"
         );
-        let uids = fetched.iter().map(|f| f.uid).collect();
+        let uids: Vec<u32> = fetched.iter().map(|f| f.uid).collect();
+        // A dead session ends the fetching once what did arrive is handed on.
+        let (withheld, dead) = match withheld(p, session, uidvalidity, &asked, &uids).await {
+            Ok(withheld) => (withheld, None),
+            Err((missing, e)) => (missing, Some(e)),
+        };
         let hashing = tokio::task::spawn_blocking(move || {
             let hashed = fetched
                 .into_iter()
@@ -808,11 +832,15 @@ async fn fetch_batches(
         let batch = FetchedBatch {
             asked,
             uids,
+            withheld,
             hashing,
             fetched_at: crate::registry::now(),
             budget: share,
         };
         permit.send(batch);
+        if let Some(e) = dead {
+            return Err(p.imap()(e));
+        }
     }
     drop(batches);
     while let Some(request) = acks.recv().await {
@@ -821,6 +849,38 @@ async fn fetch_batches(
         }
     }
     Ok(())
+}
+
+/// Which of the messages a batch fetch asked for and did not get are still in the mailbox: the
+/// server would not, or could not, send them. They are counted as failed fetches, so that the
+/// next polls take them alone after the other mail. async-imap ends a FETCH quietly both on the
+/// server's NO and when the server drops the connection in the middle of it (Dovecot does both
+/// with a message file it cannot read), so the lookup is also what finds a dead session: then
+/// every missing message is counted (and returned as withheld) with the lookup's error.
+async fn withheld(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    asked: &[u32],
+    got: &[u32],
+) -> Result<Vec<u32>, (Vec<u32>, crate::imap::ImapError)> {
+    let got: HashSet<u32> = got.iter().copied().collect();
+    let missing: Vec<u32> = asked.iter().copied().filter(|u| !got.contains(u)).collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    match session.present(&missing).await {
+        Ok(withheld) => {
+            if !withheld.is_empty() {
+                note_fetch_failure(p, uidvalidity, &withheld, "the server did not send it").await;
+            }
+            Ok(withheld)
+        }
+        Err(e) => {
+            note_fetch_failure(p, uidvalidity, &missing, &e.to_string()).await;
+            Err((missing, e))
+        }
+    }
 }
 
 /// Counts a failed fetch against the messages it asked for, so that the next polls take them
@@ -912,11 +972,7 @@ async fn process_batches(
     let result = async {
         while let Some(batch) = batches.recv().await {
             failpoint::hit("after-fetch");
-            let got: HashSet<u32> = batch.uids.iter().copied().collect();
-            for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
-                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
-                report.vanished.push(*uid);
-            }
+            batch.note_missing(mb, report);
             let work = Batch {
                 p,
                 uidvalidity,
@@ -1255,11 +1311,7 @@ async fn process_batches_pipelined(
     let result = async {
         while let Some(batch) = batches.recv().await {
             failpoint::hit("after-fetch");
-            let got: HashSet<u32> = batch.uids.iter().copied().collect();
-            for uid in batch.asked.iter().filter(|u| !got.contains(u)) {
-                tracing::warn!(mailbox = %mb.id, uid, "listed message was not returned by FETCH (expunged meanwhile?)");
-                report.vanished.push(*uid);
-            }
+            batch.note_missing(mb, report);
             let work = Batch {
                 p,
                 uidvalidity,

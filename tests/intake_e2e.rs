@@ -1261,14 +1261,24 @@ async fn large_mail_is_stored_byte_exact_in_both_commit_modes() {
     }
 }
 
-/// A small message the server cannot serve: its file was cut short behind Dovecot's back, and
-/// Dovecot drops the connection when it finds fewer bytes than its index promised. It was in
-/// the first batch, so that batch's fetch fails (exit 1) and nothing is registered; from then on
-/// that batch's messages are fetched one by one after the other mail, fewest failures first.
-/// Every other message is registered once and ends `\Seen` by the fourth poll; the broken one
-/// stays unseen with nothing recorded, reported at every poll, and holds up nothing else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_message_the_server_cannot_serve_holds_up_no_other() {
+/// How a message file is damaged behind Dovecot's back.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Cut short: Dovecot drops the connection when it finds fewer bytes than its index
+    /// promised (an error for async-imap).
+    CutShort,
+    /// Unreadable (mode 000): Dovecot has announced the literal, cannot open the file and drops
+    /// the connection; async-imap ends the FETCH quietly, without the messages after it.
+    Unreadable,
+}
+
+/// A small message the server cannot serve, the second of six in batches of three. Its batch's
+/// fetch fails the first poll (exit 1) and nothing is registered; from then on the messages
+/// that fetch did not bring are fetched one by one after the other mail, fewest failures first.
+/// Every other message is registered once and ends `\Seen` by the fourth poll; the damaged
+/// one stays unseen with nothing recorded, reported at every poll, and holds up nothing else.
+async fn a_message_the_server_cannot_serve_holds_up_no_other(damage: Damage) {
+    use std::os::unix::fs::PermissionsExt as _;
     let mut bed = bed_with_apps().await;
     bed.imap_extra = "batch_max_messages = 3".into();
     bed.configure(&[podatelna()]);
@@ -1276,7 +1286,7 @@ async fn a_small_message_the_server_cannot_serve_holds_up_no_other() {
     for (i, (_, raw)) in fixtures().into_iter().enumerate().take(6) {
         let mut raw = raw;
         if i == 1 {
-            raw.extend_from_slice(format!("{:0>20000}\n", "cut-short").as_bytes());
+            raw.extend_from_slice(format!("{:0>20000}\n", "damaged").as_bytes());
         }
         let uid = bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
         if i == 1 {
@@ -1296,39 +1306,50 @@ async fn a_small_message_the_server_cannot_serve_holds_up_no_other() {
         .find(|p| {
             std::fs::read(p)
                 .unwrap()
-                .windows(10)
-                .any(|w| w == b"cut-short\n")
+                .windows(8)
+                .any(|w| w == b"damaged\n")
         })
-        .expect("the broken message's maildir file");
-    let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(len - 10_000)
-        .unwrap();
+        .expect("the damaged message's maildir file");
+    match damage {
+        Damage::CutShort => {
+            let len = std::fs::metadata(&file).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(len - 10_000)
+                .unwrap();
+        }
+        Damage::Unreadable => {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap()
+        }
+    }
 
-    // Registered after each poll: the batch with the broken message fails the first; the
-    // second takes the other batch, then the failed batch's messages alone until the broken
-    // one fails again; the third takes the rest (the broken one, failed twice, comes last);
-    // the fourth acknowledges what the third could not (its session was gone).
-    for (poll, registered) in [(1, 0), (2, 4), (3, 5), (4, 5)] {
+    // Registered after each poll: the batch with the damaged message fails the first (the
+    // message before it is registered where async-imap hands it over); the second takes the
+    // other messages in batches, then those the failed fetch did not bring, alone, until the
+    // damaged one fails again; the third takes the rest (the damaged one, failed twice, comes
+    // last); the fourth acknowledges what the third could not (its session was gone).
+    let first = match damage {
+        Damage::CutShort => 0,
+        Damage::Unreadable => 1,
+    };
+    for (poll, registered) in [(1, first), (2, 4), (3, 5), (4, 5)] {
         let out = bed.run_once().await;
-        assert_eq!(out.status.code(), Some(1), "poll {poll}: {}", text(&out));
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let context = format!("{damage:?}, poll {poll}: {}", text(&out));
+        assert_eq!(out.status.code(), Some(1), "{context}");
         assert!(
-            stderr.contains("connection lost during UID FETCH BODY.PEEK[]"),
-            "poll {poll}: {}",
-            text(&out)
+            String::from_utf8_lossy(&out.stderr).contains("the server failed during a fetch"),
+            "{context}"
         );
         let rows = bed.registry().await.list(None, 20).await.unwrap();
-        assert_eq!(rows.len(), registered, "poll {poll}: {}", text(&out));
+        assert_eq!(rows.len(), registered, "{context}");
         let seen = bed.seen(PODATELNA, "INBOX");
-        assert_eq!(seen.get(&broken_uid), Some(&false), "poll {poll}");
+        assert_eq!(seen.get(&broken_uid), Some(&false), "{context}");
         if poll == 4 {
             assert!(
                 seen.iter().all(|(uid, s)| *s == (*uid != broken_uid)),
-                "poll {poll}: {seen:?}"
+                "{context}\n{seen:?}"
             );
         }
     }
@@ -1344,4 +1365,14 @@ async fn a_small_message_the_server_cannot_serve_holds_up_no_other() {
     shas.sort();
     shas.dedup();
     assert_eq!(shas.len(), 5, "five different messages, each once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_cut_short_holds_up_no_other() {
+    a_message_the_server_cannot_serve_holds_up_no_other(Damage::CutShort).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_holds_up_no_other() {
+    a_message_the_server_cannot_serve_holds_up_no_other(Damage::Unreadable).await;
 }

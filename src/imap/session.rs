@@ -394,6 +394,29 @@ impl MailSession {
         Ok(())
     }
 
+    /// Which of `uids` are still in the selected folder, asked after a FETCH that did not return
+    /// them. async-imap ends a FETCH, and a SEARCH, quietly when the server drops the connection
+    /// in the middle (as Dovecot does with a message file it cannot read), which would make a
+    /// message the server cannot serve look expunged. So a NOOP answered with a tagged OK first
+    /// proves the session alive; a dead one is an error.
+    pub async fn present(&mut self, uids: &[u32]) -> Result<Vec<u32>, ImapError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        within(
+            "NOOP",
+            self.io_timeout,
+            self.session.run_command_and_check_ok("NOOP"),
+            |e| ImapError::from_imap("NOOP", e),
+        )
+        .await?;
+        client_drop_unsolicited(&mut self.session);
+        let found = self
+            .uid_search(&format!("UID {}", uid_set::format(uids)))
+            .await?;
+        Ok(uids.iter().copied().filter(|u| found.contains(u)).collect())
+    }
+
     /// `UID SEARCH`, sorted ascending.
     pub async fn uid_search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
         let set = within(
