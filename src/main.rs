@@ -76,6 +76,12 @@ enum RegistryCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Messages on a server that failed and are not registered (processing attempts, failed
+    /// fetches, the last error), most recent first.
+    Failing {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
     /// Blobs no record refers to (left by a crash before a commit): lists them; deletes them
     /// only with --delete.
     Gc {
@@ -183,6 +189,9 @@ fn main() -> ExitCode {
                     .await
                     .map(|()| true)
             }
+            Command::Registry {
+                command: RegistryCommand::Failing { limit },
+            } => cli::registry::failing(&config, limit).await.map(|()| true),
             Command::Registry {
                 command:
                     RegistryCommand::Gc {

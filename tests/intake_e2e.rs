@@ -1365,6 +1365,24 @@ async fn a_message_the_server_cannot_serve_holds_up_no_other(damage: Damage) {
     shas.sort();
     shas.dedup();
     assert_eq!(shas.len(), 5, "five different messages, each once");
+    // What an operator sees: the damaged message alone, with its failed fetches.
+    let out = bed.command(&["registry", "failing"], &[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("podatelna"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{listing}");
+    assert!(
+        lines[0].contains(&format!("{broken_uid} (uidvalidity")),
+        "{listing}"
+    );
+    assert!(listing.contains("1 failing message(s)"), "{listing}");
+    let failing = bed.registry().await.failing(10).await.unwrap();
+    assert_eq!(failing.len(), 1);
+    assert_eq!(failing[0].uid, broken_uid);
+    assert!(failing[0].fetch_failures >= 3, "{failing:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,30 @@ async fn fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_regis
         HashMap::from([(6, 2)]),
         "cleared by the registration"
     );
+    // What `registry failing` shows: what is left, with its counts and last error.
+    let mut failing: Vec<_> = r
+        .failing(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| {
+            (
+                f.uidvalidity,
+                f.uid,
+                f.attempts,
+                f.fetch_failures,
+                f.last_error.unwrap_or_default(),
+            )
+        })
+        .collect();
+    failing.sort();
+    assert_eq!(
+        failing,
+        vec![
+            (7, 6, 1, 2, "timed out".to_owned()),
+            (8, 5, 0, 1, "another UIDVALIDITY".to_owned()),
+        ]
+    );
 }
 
 /// Two registries on one database (as two worker processes have): while one holds a

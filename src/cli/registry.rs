@@ -1,4 +1,5 @@
-//! `mailintake registry list | gc`: what has been registered or quarantined, and orphaned blobs.
+//! `mailintake registry list | failing | gc`: what has been registered or quarantined, what keeps
+//! failing, and orphaned blobs.
 
 use std::time::Duration;
 
@@ -68,6 +69,43 @@ pub async fn list(config: &Config, status: Option<Status>, limit: i64) -> anyhow
         .collect();
     print!("{}", render_table(&headers, &table));
     println!("{} message(s)", rows.len());
+    Ok(())
+}
+
+/// Messages still on a server that failed and are not registered: attempts, failed fetches
+/// and the last error.
+pub async fn failing(config: &Config, limit: i64) -> anyhow::Result<()> {
+    let registry = Registry::open(&config.database_url).await?;
+    let rows = registry.failing(limit).await?;
+    registry.close().await;
+    let headers = [
+        "mailbox",
+        "folder",
+        "uid",
+        "attempts",
+        "failed fetches",
+        "last error",
+        "updated",
+    ];
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.mailbox_id.clone(),
+                r.folder.clone(),
+                format!("{} (uidvalidity {})", r.uid, r.uidvalidity),
+                r.attempts.to_string(),
+                r.fetch_failures.to_string(),
+                r.last_error.clone().unwrap_or_else(|| {
+                    "(none recorded: a worker stopped with it in hand, or it is being processed)"
+                        .to_owned()
+                }),
+                short_time(&r.updated_at),
+            ]
+        })
+        .collect();
+    print!("{}", render_table(&headers, &table));
+    println!("{} failing message(s)", rows.len());
     Ok(())
 }
 

@@ -199,6 +199,20 @@ impl Outcome {
     }
 }
 
+/// A message on a server that is not registered and has failed: its processing was attempted
+/// (and failed, or a worker stopped with it in hand), or a fetch that included it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailingMessage {
+    pub mailbox_id: String,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub attempts: u32,
+    pub fetch_failures: u32,
+    pub last_error: Option<String>,
+    pub updated_at: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxState {
     pub uidvalidity: Option<u32>,

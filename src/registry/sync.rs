@@ -7,7 +7,9 @@ use sqlx::Row;
 
 use super::batch::{FolderUids, V, insert_rows};
 use super::records::insert_event;
-use super::{Location, MailboxState, Registry, RegistryError, UidValidityCheck, clean, now};
+use super::{
+    FailingMessage, Location, MailboxState, Registry, RegistryError, UidValidityCheck, clean, now,
+};
 
 impl Registry {
     pub async fn mailbox_state(
@@ -383,6 +385,35 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// Messages not registered whose processing was attempted or whose fetch failed, most
+    /// recently touched first: what an operator looks at when a mailbox keeps reporting
+    /// failures. A message being processed right now has an attempt too, until it commits.
+    pub async fn failing(&self, limit: i64) -> Result<Vec<FailingMessage>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT mailbox_id, folder, uidvalidity, uid, attempts, fetch_failures, last_error, updated_at \
+             FROM processing_attempts WHERE attempts > 0 OR fetch_failures > 0 \
+             ORDER BY updated_at DESC, mailbox_id, folder, uid LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("list failing messages"))?;
+        let small = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(rows
+            .iter()
+            .map(|r| FailingMessage {
+                mailbox_id: r.get(0),
+                folder: r.get(1),
+                uidvalidity: small(r.get(2)),
+                uid: small(r.get(3)),
+                attempts: small(r.get(4)),
+                fetch_failures: small(r.get(5)),
+                last_error: r.get(6),
+                updated_at: r.get(7),
+            })
+            .collect())
     }
 
     /// Takes back the attempt counted by [`Registry::begin_attempt`] when the failure was the
