@@ -336,17 +336,19 @@ pub async fn prepare_stored(
 /// [`prepare`] for the messages of a batch committed as one ([`CommitMode::PerBatch`]), in
 /// order, on one blocking thread: the attempts were counted for the whole batch (see
 /// `Registry::begin_batch_attempts`), and the blobs are staged, to be made durable together by
-/// `RawStore::publish` before [`commit_batch`]. A message whose preparation panics fails alone;
-/// a store error (disk full) fails the call.
+/// `RawStore::publish` before [`commit_batch`]. A message whose preparation panics fails alone
+/// (its failure is recorded against it); a store error (disk full) stops the chunk there, and
+/// is returned with what was prepared before it, so that a failure already seen is not lost.
 pub async fn prepare_staged(
     p: &Pipeline,
     messages: Vec<(RawMessage, Source)>,
-) -> Result<(Vec<(Source, Result<PreparedMessage, IngestError>)>, Staged), IngestError> {
+) -> Result<StagedChunk, IngestError> {
     let limits = p.limits;
     let store = Arc::clone(&p.store);
     let job = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let mut staged = store.staging()?;
         let mut out = Vec::with_capacity(messages.len());
+        let mut stopped = None;
         for (raw, source) in messages {
             let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
             let raw_size = raw.len() as u64;
@@ -358,27 +360,28 @@ pub async fn prepare_staged(
                 prepare_blocking(&mut sink, &raw, limits, None)
             }));
             let prepared = match attempt {
-                Ok(result) => {
-                    let (digest, stored_at, prepared) = result?;
-                    Ok(PreparedMessage {
-                        digest,
-                        raw_size,
-                        attempt: 1,
-                        timeline: [
-                            ("fetched", fetched_at),
-                            ("stored", stored_at),
-                            ("parsed", now()),
-                        ],
-                        prepared,
-                    })
+                Ok(Ok((digest, stored_at, prepared))) => Ok(PreparedMessage {
+                    digest,
+                    raw_size,
+                    attempt: 1,
+                    timeline: [
+                        ("fetched", fetched_at),
+                        ("stored", stored_at),
+                        ("parsed", now()),
+                    ],
+                    prepared,
+                }),
+                Ok(Err(store_error)) => {
+                    stopped = Some(store_error);
+                    break;
                 }
                 Err(panic) => Err(format!("internal error: {}", parse::panic_text(&panic))),
             };
             out.push((source, prepared));
         }
-        Ok((out, staged))
+        Ok((out, staged, stopped))
     });
-    let (prepared, staged) = match job.await {
+    let (prepared, staged, stopped) = match job.await {
         Ok(Ok(done)) => done,
         Ok(Err(store_error)) => return Err(store_error.into()),
         Err(join) => return Err(IngestError::internal(1, p.limits.max_attempts, &join)),
@@ -391,7 +394,19 @@ pub async fn prepare_staged(
         };
         out.push((source, result));
     }
-    Ok((out, staged))
+    Ok(StagedChunk {
+        prepared: out,
+        staged,
+        stopped: stopped.map(IngestError::from),
+    })
+}
+
+/// What [`prepare_staged`] did with a chunk of a batch: each message it reached, in order, its
+/// staged blobs, and the store error that stopped it before the rest, if any.
+pub struct StagedChunk {
+    pub prepared: Vec<(Source, Result<PreparedMessage, IngestError>)>,
+    pub staged: Staged,
+    pub stopped: Option<IngestError>,
 }
 
 /// The CPU and disk work of a preparation: raw blob, then poison / size checks, then the parse
@@ -402,6 +417,8 @@ fn prepare_blocking(
     limits: Limits,
     poison: Option<String>,
 ) -> Result<(Sha256Digest, String, Prepared), StoreError> {
+    // A message's preparation begins; `panic@prepare` makes it panic (as a parser bug would).
+    failpoint::hit("prepare");
     let digest = raw.sha256();
     if raw.len() < OVERLAP_BYTES {
         sink.put(raw, digest)?;

@@ -1175,7 +1175,7 @@ impl Batch<'_, '_> {
         }
         let mut ready = Vec::with_capacity(per_chunk * parallel);
         for mut chunk in chunks {
-            let (prepared, blobs) = match (&mut chunk.0).await {
+            let done = match (&mut chunk.0).await {
                 Ok(result) => result?,
                 Err(join) => {
                     return Err(IngestError::internal(
@@ -1185,13 +1185,17 @@ impl Batch<'_, '_> {
                     ));
                 }
             };
-            staged.absorb(blobs);
-            for (source, result) in prepared {
+            staged.absorb(done.staged);
+            for (source, result) in done.prepared {
                 match result {
                     Ok(message) => ready.push((message, source)),
                     // A failure of this message alone: it stays out of the batch, unacknowledged.
                     Err(e) => outcomes.note(uid_of(&source), Err(e))?,
                 }
+            }
+            // Noted first: a message that failed before the disk filled keeps its attempt.
+            if let Some(stopped) = done.stopped {
+                return Err(stopped);
             }
         }
         Ok(StagedBatch { staged, ready })
@@ -1338,7 +1342,7 @@ async fn process_batches_pipelined(
                 Err(e) => {
                     // Not the messages' fault: take back what was counted against them.
                     if grouped {
-                        forget_attempts(p, uidvalidity, &uids, registered).await;
+                        forget_attempts(p, uidvalidity, &uids, registered, report).await;
                     }
                     return Err(e);
                 }
@@ -1402,7 +1406,7 @@ async fn process_batches_pipelined(
             };
             // Not the messages' fault (disk full, database gone, shutdown): take back the
             // attempts of this batch, which did not commit.
-            forget_attempts(p, uidvalidity, &uids, registered).await;
+            forget_attempts(p, uidvalidity, &uids, registered, report).await;
             match stop {
                 Some(e) => return Err(e),
                 None => break,
@@ -1460,23 +1464,26 @@ async fn finish(
     match stop {
         None => Ok(()),
         Some(source) => {
-            forget_attempts(p, uidvalidity, &done.uids, registered).await;
+            forget_attempts(p, uidvalidity, &done.uids, registered, report).await;
             Err(p.ingest()(source))
         }
     }
 }
 
-/// Takes back the batch attempts of the messages among `uids` that did not commit.
+/// Takes back the batch attempts of the messages among `uids` that did not commit, except
+/// those that failed on their own account in this poll (their attempt counts).
 async fn forget_attempts(
     p: &Poller<'_>,
     uidvalidity: u32,
     uids: &[u32],
     registered: &HashSet<u32>,
+    report: &PollReport,
 ) {
+    let failed: HashSet<u32> = report.failed.iter().map(|(uid, _)| *uid).collect();
     let pending: Vec<u32> = uids
         .iter()
         .copied()
-        .filter(|u| !registered.contains(u))
+        .filter(|u| !registered.contains(u) && !failed.contains(u))
         .collect();
     if pending.is_empty() {
         return;

@@ -437,6 +437,82 @@ async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: 
     assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
 }
 
+/// A message that fails on its own account (its preparation panics, as a parser bug would) in
+/// the same batch as a full disk keeps its attempt and its recorded error: only the messages
+/// the disk stopped get theirs back. Before, a batch that stopped took back every attempt it
+/// had counted, and lost the failure seen before the disk filled, so that a message failing
+/// beside an outage never came nearer to poison. Once the disk has room again (and the bug is
+/// gone), all four are registered, none quarantined.
+async fn a_failure_beside_a_full_disk_keeps_its_attempt(commit: &str) {
+    let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "failure beside a full disk: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
+            );
+            return;
+        }
+    };
+    let db = TestDb::sqlite();
+    let mut bed = bed(&db).await;
+    bed.imap_extra = "parallel_messages = 1\nbatch_max_messages = 4".into();
+    bed.tables = format!("[registry]\ncommit = \"{commit}\"\n");
+    bed.configure(&[mailbox()]);
+    let config = std::fs::read_to_string(&bed.config).unwrap();
+    let data_line = config.lines().next().unwrap().to_owned();
+    let config = config.replacen(
+        &data_line,
+        &format!("data_dir = \"{}\"", tmpfs.path().display()),
+        1,
+    );
+    std::fs::write(&bed.config, config).unwrap();
+    let mut msgs = messages(2, 20_000);
+    msgs.push(messages(3, 4_000_000).pop().unwrap()); // does not fit in 3 MB
+    msgs.push(messages(4, 20_000).pop().unwrap());
+    let mut uids = Vec::new();
+    for raw in &msgs {
+        uids.push(bed.dovecot.deliver(USER, "INBOX", raw).unwrap());
+    }
+    // The second message prepared panics; the third fills the disk.
+    let out = bed
+        .run_once_env(&[("MAILINTAKE_FAILPOINT", "panic@prepare:2")])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{commit}: {}", text(&out));
+    assert_no_ack_without_commit(&bed).await;
+    let failing = bed.registry().await.failing(10).await.unwrap();
+    assert_eq!(failing.len(), 1, "{commit}: {failing:?}\n{}", text(&out));
+    assert_eq!(failing[0].uid, uids[1], "{commit}: {failing:?}");
+    assert_eq!(failing[0].attempts, 1, "{commit}: {failing:?}");
+    assert!(
+        failing[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("failpoint prepare")),
+        "{commit}: {failing:?}"
+    );
+    tmpfs.resize("64m");
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{commit}: {}", text(&out));
+    let rows = bed.registry().await.list(None, 10).await.unwrap();
+    assert_eq!(rows.len(), 4, "{commit}");
+    assert!(
+        rows.iter().all(|r| r.status == Status::Registered),
+        "{commit}: {rows:?}"
+    );
+    assert!(bed.registry().await.failing(10).await.unwrap().is_empty());
+    assert!(bed.seen(USER, "INBOX").values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_beside_a_full_disk_keeps_its_attempt_per_message() {
+    a_failure_beside_a_full_disk_keeps_its_attempt("message").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_beside_a_full_disk_keeps_its_attempt_per_batch() {
+    a_failure_beside_a_full_disk_keeps_its_attempt("batch").await;
+}
+
 /// A message above the size limit is fetched in parts straight into a blob, after the batches.
 /// Killed after its first part: nothing of it recorded or acknowledged, and the half-written
 /// blob is a temp file that the next run removes before it fetches the message again, whole
