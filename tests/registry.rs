@@ -90,8 +90,36 @@ both_backends!(
     many_processes_opening_a_fresh_registry_at_once_all_succeed,
     a_lost_acknowledgement_is_queued_again_at_most_three_times,
     a_credential_lock_is_held_by_one_process_at_a_time,
+    ten_credentials_refreshing_at_once_do_not_starve_the_pool,
     fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration,
 );
+
+/// Ten delegated credentials refreshing at once (a worker's first poll of ten users' mailboxes):
+/// each holds its lock while it reads and stores its token through the same registry. On
+/// PostgreSQL a lock holds a pool connection; if every connection held a lock, none would be
+/// left to read a token, and all would wait for the pool's 15 s timeout.
+async fn ten_credentials_refreshing_at_once_do_not_starve_the_pool(db: &TestDb) {
+    use std::time::Duration;
+    let r = Registry::open(&db.url()).await.unwrap();
+    let mut refreshes = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let r = r.clone();
+        refreshes.spawn(async move {
+            let credential = format!("user-{i}");
+            let lock = r.lock_credential(&credential).await?;
+            r.credential_token(&credential).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await; // the token endpoint
+            r.put_credential_token(&credential, "sealed", None).await?;
+            lock.release().await
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(10), refreshes.join_all())
+        .await
+        .expect("ten refreshes end well within the pool's timeout");
+    for done in all {
+        done.unwrap();
+    }
+}
 
 async fn fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration(
     db: &TestDb,

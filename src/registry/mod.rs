@@ -281,6 +281,9 @@ pub struct Event {
     pub detail: Option<String>,
 }
 
+/// Connections of a PostgreSQL registry's pool.
+const POSTGRES_POOL: u32 = 8;
+
 #[derive(Clone)]
 pub struct Registry {
     pool: AnyPool,
@@ -288,6 +291,9 @@ pub struct Registry {
     /// The SQLite database file (None for PostgreSQL and in-memory databases): lock files
     /// live beside it.
     sqlite_file: Option<std::sync::Arc<Path>>,
+    /// PostgreSQL: how many credential locks this process may hold at once. Each holds a pool
+    /// connection while the refresh it guards needs another one to read and store the token.
+    credential_locks: std::sync::Arc<tokio::sync::Semaphore>,
     numbering: std::sync::Arc<numbers::Numbering>,
 }
 
@@ -436,7 +442,11 @@ impl Registry {
                     source,
                 })?;
         let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .max_connections(if backend == Backend::Sqlite {
+                4
+            } else {
+                POSTGRES_POOL
+            })
             .acquire_timeout(Duration::from_secs(15))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
@@ -485,6 +495,9 @@ impl Registry {
                 Backend::Sqlite => sqlite_path(url).map(|p| std::sync::Arc::from(p.as_path())),
                 Backend::Postgres => None,
             },
+            credential_locks: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                tokens::CREDENTIAL_LOCKS_AT_ONCE,
+            )),
             numbering: std::sync::Arc::new(numbers::Numbering::default()),
         })
     }

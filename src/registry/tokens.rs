@@ -13,6 +13,11 @@ use crate::raw_store::Sha256Digest;
 /// hangs with the lock held.
 const CREDENTIAL_LOCK_WAIT: Duration = Duration::from_secs(60);
 
+/// PostgreSQL credential locks one process holds at once (see `Registry::credential_locks`):
+/// a quarter of the pool, so that ten credentials refreshing together cannot take every
+/// connection and then wait for one to read their tokens.
+pub(super) const CREDENTIAL_LOCKS_AT_ONCE: usize = (super::POSTGRES_POOL / 4) as usize;
+
 /// Held by the one process that refreshes a credential's token: from reading the stored
 /// refresh token to storing the one that replaces it. A provider that rotates refresh tokens
 /// and refuses a used one (or revokes the whole family when one is used twice) must never see
@@ -22,7 +27,10 @@ const CREDENTIAL_LOCK_WAIT: Duration = Duration::from_secs(60);
 pub struct CredentialLock(Held);
 
 enum Held {
-    Postgres(sqlx::Transaction<'static, sqlx::Any>),
+    Postgres(
+        sqlx::Transaction<'static, sqlx::Any>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
     File(std::fs::File),
     /// An in-memory SQLite database: no other process can open it.
     Nothing,
@@ -31,7 +39,7 @@ enum Held {
 impl CredentialLock {
     pub async fn release(self) -> Result<(), RegistryError> {
         match self.0 {
-            Held::Postgres(tx) => tx
+            Held::Postgres(tx, _permit) => tx
                 .commit()
                 .await
                 .map_err(RegistryError::db("release the credential lock")),
@@ -66,6 +74,14 @@ impl Registry {
         let key = lock_key(credential);
         match self.backend {
             Backend::Postgres => {
+                let permit = std::sync::Arc::clone(&self.credential_locks)
+                    .acquire_owned()
+                    .await
+                    // Never closed; if it were, the registry is going away.
+                    .map_err(|_| RegistryError::Db {
+                        action: "wait for a credential lock",
+                        source: sqlx::Error::PoolClosed,
+                    })?;
                 let mut tx = self
                     .pool
                     .begin()
@@ -86,7 +102,7 @@ impl Registry {
                     .execute(&mut *tx)
                     .await
                     .map_err(RegistryError::db("take the credential lock"))?;
-                Ok(CredentialLock(Held::Postgres(tx)))
+                Ok(CredentialLock(Held::Postgres(tx, permit)))
             }
             Backend::Sqlite => match &self.sqlite_file {
                 Some(db) => {
