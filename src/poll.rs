@@ -487,7 +487,7 @@ async fn take_in_parts(
         let mut session_spent = false;
         let parts = fetch_into_blob(p, session, uid, size, cancel).await;
         let result = match parts {
-            Ok(Parts::Stored(digest, len)) if poison.is_some() || len == u64::from(size) => {
+            Ok(Parts::Stored(digest, len)) if poison.is_some() || whole(len, size) => {
                 tracing::info!(mailbox = %mb.id, uid, size = len, ms = started.elapsed().as_secs_f64() * 1e3, "large message fetched in parts");
                 match crate::pipeline::prepare_stored(
                     pipeline, digest, len, &source, attempt, poison,
@@ -556,6 +556,15 @@ async fn take_in_parts(
         }
     }
     stop.map_or(Ok(()), Err)
+}
+
+/// Whether `len` bytes fetched in parts are the whole of a message the server sizes at `size`.
+/// A message that fits in one part came in one answer, shorter than asked, which is its end
+/// (RFC 3501 partial fetch): as in a batch, whatever its RFC822.SIZE says, which some servers
+/// only estimate (Exchange). A message sized over one part must come to exactly its size: its
+/// end is where the size says, and a shorter answer is one cut short.
+fn whole(len: u64, size: u32) -> bool {
+    len == u64::from(size) || (size <= PART_BYTES && len < u64::from(PART_BYTES))
 }
 
 /// What fetching a message in parts came to.
@@ -1856,7 +1865,7 @@ pub fn batches(sizes: &[(u32, u32)], max_messages: usize, max_bytes: u64) -> Vec
 
 #[cfg(test)]
 mod tests {
-    use super::{FetchBudget, batches};
+    use super::{FetchBudget, PART_BYTES, batches, whole};
     use futures::FutureExt;
 
     const MIB: u64 = 1024 * 1024;
@@ -1886,6 +1895,20 @@ mod tests {
         assert!(budget.reserve(1).now_or_never().is_none());
         drop(alone);
         assert!(budget.reserve(48 * MIB).now_or_never().is_some());
+    }
+
+    #[test]
+    fn a_message_of_one_part_is_whole_whatever_its_estimated_size() {
+        // One part, shorter than asked: the end, even where the server's size was off.
+        assert!(whole(20_000, 20_000));
+        assert!(whole(20_000, 21_000));
+        assert!(whole(21_000, 20_000));
+        // Sized over one part: exactly its size, or cut short.
+        assert!(whole(u64::from(PART_BYTES) * 3, PART_BYTES * 3));
+        assert!(!whole(1_000_000, PART_BYTES * 3));
+        assert!(!whole(u64::from(PART_BYTES) * 2, PART_BYTES * 3));
+        // Sized within one part but a full part came: more to come than the size said.
+        assert!(!whole(u64::from(PART_BYTES) + 5, PART_BYTES - 10));
     }
 
     #[test]
