@@ -375,21 +375,24 @@ async fn a_poll_that_panics_is_reported_and_leaves_nothing_half_done() {
     assert_eq!(reconcile(&bed).await, 6);
 }
 
-/// Messages prepared beside the one that hit a full disk did not commit either: more runs on the
-/// full disk than `max_attempts` must not turn them into poison.
-async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: &str) {
+/// A bed whose data dir is a 3 MB tmpfs (the SQLite registry lives elsewhere), with these
+/// `[imap]` keys and commit mode; None, with a line saying why `what` is skipped, where no
+/// tmpfs can be mounted.
+async fn bed_on_a_3mb_disk(
+    what: &str,
+    imap_extra: &str,
+    commit: &str,
+) -> Option<(common::tmpfs::Tmpfs, TestDb, Bed)> {
     let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
         Ok(t) => t,
         Err(e) => {
-            eprintln!(
-                "disk full, parallel: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
-            );
-            return;
+            eprintln!("{what}: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can");
+            return None;
         }
     };
     let db = TestDb::sqlite();
     let mut bed = bed(&db).await;
-    bed.imap_extra = "parallel_messages = 4\nbatch_max_messages = 4".into();
+    bed.imap_extra = imap_extra.into();
     bed.tables = format!("[registry]\ncommit = \"{commit}\"\n");
     bed.configure(&[mailbox()]);
     let config = std::fs::read_to_string(&bed.config).unwrap();
@@ -400,6 +403,21 @@ async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: 
         1,
     );
     std::fs::write(&bed.config, config).unwrap();
+    Some((tmpfs, db, bed))
+}
+
+/// Messages prepared beside the one that hit a full disk did not commit either: more runs on the
+/// full disk than `max_attempts` must not turn them into poison.
+async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: &str) {
+    let Some((tmpfs, _db, bed)) = bed_on_a_3mb_disk(
+        "disk full, parallel",
+        "parallel_messages = 4\nbatch_max_messages = 4",
+        commit,
+    )
+    .await
+    else {
+        return;
+    };
     let mut msgs = messages(1, 20_000);
     msgs.push(messages(2, 4_000_000).pop().unwrap()); // does not fit in 3 MB
     msgs.extend(messages(7, 20_000).into_iter().skip(2));
@@ -444,28 +462,15 @@ async fn a_full_disk_holds_nothing_against_the_messages_prepared_beside(commit: 
 /// beside an outage never came nearer to poison. Once the disk has room again (and the bug is
 /// gone), all four are registered, none quarantined.
 async fn a_failure_beside_a_full_disk_keeps_its_attempt(commit: &str) {
-    let tmpfs = match common::tmpfs::Tmpfs::mount("3m") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!(
-                "failure beside a full disk: SKIPPED: cannot mount a tmpfs here ({e}); CI runs as root and can"
-            );
-            return;
-        }
+    let Some((tmpfs, _db, bed)) = bed_on_a_3mb_disk(
+        "failure beside a full disk",
+        "parallel_messages = 1\nbatch_max_messages = 4",
+        commit,
+    )
+    .await
+    else {
+        return;
     };
-    let db = TestDb::sqlite();
-    let mut bed = bed(&db).await;
-    bed.imap_extra = "parallel_messages = 1\nbatch_max_messages = 4".into();
-    bed.tables = format!("[registry]\ncommit = \"{commit}\"\n");
-    bed.configure(&[mailbox()]);
-    let config = std::fs::read_to_string(&bed.config).unwrap();
-    let data_line = config.lines().next().unwrap().to_owned();
-    let config = config.replacen(
-        &data_line,
-        &format!("data_dir = \"{}\"", tmpfs.path().display()),
-        1,
-    );
-    std::fs::write(&bed.config, config).unwrap();
     let mut msgs = messages(2, 20_000);
     msgs.push(messages(3, 4_000_000).pop().unwrap()); // does not fit in 3 MB
     msgs.push(messages(4, 20_000).pop().unwrap());

@@ -576,6 +576,23 @@ async fn bed_with_a_large_message(max_message_bytes: u64, big: &[u8]) -> (Bed, u
     (bed, big_uid)
 }
 
+/// The file of the message in podatelna's INBOX that `this` picks, to damage it behind
+/// Dovecot's back.
+fn maildir_file(bed: &Bed, this: impl Fn(&std::path::Path) -> bool) -> std::path::PathBuf {
+    let maildir = bed
+        .dovecot
+        .dir()
+        .join("mail")
+        .join(PODATELNA)
+        .join("Maildir/INBOX");
+    ["new", "cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(maildir.join(d)).into_iter().flatten())
+        .map(|e| e.unwrap().path())
+        .find(|p| this(p))
+        .expect("the message's maildir file")
+}
+
 /// A message larger than one fetch can hold (async-imap's 512 MiB response buffer) is fetched in
 /// parts into its blob. Here the size limit is above it, so it is then read back, parsed and
 /// registered like any other; the messages around it are registered too, and all end `\Seen`.
@@ -632,18 +649,7 @@ async fn a_large_message_the_server_cannot_serve_fails_alone() {
         big.extend_from_slice(format!("{:077}\n", big.len()).as_bytes());
     }
     let (bed, big_uid) = bed_with_a_large_message(1_000_000, &big).await;
-    let maildir = bed
-        .dovecot
-        .dir()
-        .join("mail")
-        .join(PODATELNA)
-        .join("Maildir/INBOX");
-    let file = ["new", "cur"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(maildir.join(d)).into_iter().flatten())
-        .map(|e| e.unwrap().path())
-        .find(|p| std::fs::metadata(p).unwrap().len() > 1024 * 1024)
-        .expect("the big message's maildir file");
+    let file = maildir_file(&bed, |p| std::fs::metadata(p).unwrap().len() > 1024 * 1024);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&file)
@@ -1293,23 +1299,12 @@ async fn a_message_the_server_cannot_serve_holds_up_no_other(damage: Damage) {
             broken_uid = uid;
         }
     }
-    let maildir = bed
-        .dovecot
-        .dir()
-        .join("mail")
-        .join(PODATELNA)
-        .join("Maildir/INBOX");
-    let file = ["new", "cur"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(maildir.join(d)).into_iter().flatten())
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            std::fs::read(p)
-                .unwrap()
-                .windows(8)
-                .any(|w| w == b"damaged\n")
-        })
-        .expect("the damaged message's maildir file");
+    let file = maildir_file(&bed, |p| {
+        std::fs::read(p)
+            .unwrap()
+            .windows(8)
+            .any(|w| w == b"damaged\n")
+    });
     match damage {
         Damage::CutShort => {
             let len = std::fs::metadata(&file).unwrap().len();

@@ -161,6 +161,18 @@ pub(super) struct FolderUids<'a> {
 }
 
 impl<'a> FolderUids<'a> {
+    /// A row that starts with this folder's key and `uid`, then `rest`, for [`insert_rows`].
+    pub(super) fn row(&self, uid: u32, rest: impl IntoIterator<Item = V>) -> Vec<V> {
+        let mut row = vec![
+            V::T(Some(self.mailbox_id.to_owned())),
+            V::T(Some(self.folder.to_owned())),
+            V::I(Some(self.uidvalidity)),
+            V::I(Some(i64::from(uid))),
+        ];
+        row.extend(rest);
+        row
+    }
+
     /// `{head} WHERE mailbox_id = … AND folder = … AND uidvalidity = … {and} AND uid IN (…)`
     /// with one placeholder per UID of `chunk`, all bound. `head` and `and` are constant text:
     /// only placeholders are added to them, so no value reaches the SQL.

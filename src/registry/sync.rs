@@ -224,9 +224,9 @@ impl Registry {
             folder,
             uidvalidity: i64::from(uidvalidity),
         };
-        let uids: Vec<i64> = uids.iter().map(|u| i64::from(*u)).collect();
+        let keys: Vec<i64> = uids.iter().map(|u| i64::from(*u)).collect();
         let mut tx = self.begin_write().await?;
-        for chunk in uids.chunks(ATTEMPT_CHUNK) {
+        for chunk in keys.chunks(ATTEMPT_CHUNK) {
             let tried: i64 = here
                 .query(
                     b,
@@ -248,16 +248,7 @@ impl Registry {
         let at = now();
         let rows = uids
             .iter()
-            .map(|uid| {
-                vec![
-                    V::T(Some(mailbox_id.to_owned())),
-                    V::T(Some(folder.to_owned())),
-                    V::I(Some(i64::from(uidvalidity))),
-                    V::I(Some(*uid)),
-                    V::I(Some(1)),
-                    V::T(Some(at.clone())),
-                ]
-            })
+            .map(|uid| here.row(*uid, [V::I(Some(1)), V::T(Some(at.clone()))]))
             .collect();
         insert_rows(
             &mut tx,
@@ -319,19 +310,23 @@ impl Registry {
         let b = self.backend;
         let at = now();
         let error = clean(error);
+        let here = FolderUids {
+            mailbox_id,
+            folder,
+            uidvalidity: i64::from(uidvalidity),
+        };
         let rows = uids
             .iter()
             .map(|uid| {
-                vec![
-                    V::T(Some(mailbox_id.to_owned())),
-                    V::T(Some(folder.to_owned())),
-                    V::I(Some(i64::from(uidvalidity))),
-                    V::I(Some(i64::from(*uid))),
-                    V::I(Some(0)),
-                    V::I(Some(1)),
-                    V::T(Some(error.clone())),
-                    V::T(Some(at.clone())),
-                ]
+                here.row(
+                    *uid,
+                    [
+                        V::I(Some(0)),
+                        V::I(Some(1)),
+                        V::T(Some(error.clone())),
+                        V::T(Some(at.clone())),
+                    ],
+                )
             })
             .collect();
         let mut tx = self.begin_write().await?;
