@@ -699,6 +699,25 @@ struct FetchedBatch {
 }
 
 impl FetchedBatch {
+    /// What both processing loops do first with a batch handed over: pass the `after-fetch`
+    /// crash point, report the messages it lacks, and make the batch's work.
+    fn arrived<'a, 'b>(
+        &self,
+        p: &'a Poller<'b>,
+        uidvalidity: u32,
+        report: &mut PollReport,
+    ) -> Batch<'a, 'b> {
+        failpoint::hit("after-fetch");
+        self.note_missing(p.mb, report);
+        Batch {
+            p,
+            uidvalidity,
+            fetched_at: self.fetched_at.clone(),
+            middle: self.uids.len() / 2,
+            size: self.asked.len(),
+        }
+    }
+
     /// Reports the messages asked for and not returned: withheld by the server (a failure of
     /// this message, fetched alone next time) or expunged meanwhile.
     fn note_missing(&self, mb: &MailboxConfig, report: &mut PollReport) {
@@ -980,15 +999,7 @@ async fn process_batches(
     let mut ack_reply = None;
     let result = async {
         while let Some(batch) = batches.recv().await {
-            failpoint::hit("after-fetch");
-            batch.note_missing(mb, report);
-            let work = Batch {
-                p,
-                uidvalidity,
-                fetched_at: batch.fetched_at,
-                middle: batch.uids.len() / 2,
-                size: batch.asked.len(),
-            };
+            let work = batch.arrived(p, uidvalidity, report);
             let fetched = FetchedBatch::hashed(batch.hashing, p).await?;
             let mut outcomes = Outcomes {
                 mb,
@@ -1323,15 +1334,7 @@ async fn process_batches_pipelined(
     let mut ack_reply = None;
     let result = async {
         while let Some(batch) = batches.recv().await {
-            failpoint::hit("after-fetch");
-            batch.note_missing(mb, report);
-            let work = Batch {
-                p,
-                uidvalidity,
-                fetched_at: batch.fetched_at,
-                middle: batch.uids.len() / 2,
-                size: batch.asked.len(),
-            };
+            let work = batch.arrived(p, uidvalidity, report);
             let uids = batch.uids;
             let budget = batch.budget;
             let started = std::time::Instant::now();
