@@ -466,6 +466,53 @@ async fn two_workers_refreshing_one_delegated_credential_at_once_take_turns() {
     registers_one(&bed).await;
 }
 
+/// An administrator's `auth login` (here as another user, as when the mailbox's delegate
+/// changes) that finishes while a worker is refreshing the old sign-in, against a slow provider:
+/// the login waits for the worker to store its rotated token, then stores the new sign-in over
+/// it. Without taking turns the worker's rotated token of the old sign-in, stored last, would
+/// replace the new sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_stored_during_a_refresh_of_the_old_one_wins() {
+    const DELEGATE: &str = "spisovna@urad.example";
+    let (bed, _db, worker) = signed_in_service().await;
+    bed.idp.add_user(TENANT, DELEGATE);
+    bed.idp.set_signed_in_user(DELEGATE);
+    bed.idp.set_token_delay(Duration::from_secs(2));
+    worker.invalidate("user").await;
+    let asked = bed.idp.token_requests();
+    let refresh = tokio::spawn(async move { worker.login("user", USER).await.map(|_| ()) });
+    // Once the worker's refresh is at the provider, the sign-in goes through at full speed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.idp.token_requests() == asked {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never asked for a token"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    bed.idp.set_token_delay(Duration::ZERO);
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("Signed in as {DELEGATE}")),
+        "{stdout}"
+    );
+    refresh.await.unwrap().unwrap();
+    let stored = stored_refresh_token(&bed).await.unwrap();
+    assert_eq!(
+        bed.idp
+            .refresh_token_user(&stored)
+            .map(|u| u.to_ascii_lowercase()),
+        Some(DELEGATE.to_owned()),
+        "the stored refresh token is the new sign-in's"
+    );
+    assert_eq!(
+        bed.idp.live_refresh_tokens("client-desktop").len(),
+        2,
+        "the worker's rotated token of the old sign-in is live too, but not stored"
+    );
+}
+
 /// A token kept in memory (the store refused it) gives way to a newer sign-in: an
 /// administrator's `auth login` stored meanwhile is what the next refresh uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

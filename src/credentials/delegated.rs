@@ -236,9 +236,18 @@ impl Delegated {
                     .find_map(|k| c.get(*k).and_then(|v| v.as_str()).map(str::to_owned))
             })
             .unwrap_or_else(|| mailbox.to_owned());
-        self.store()?
+        // A worker may be refreshing the old sign-in right now: wait until it has stored its
+        // rotated token, then store this sign-in over it. Stored without the lock, the worker's
+        // rotation of the old sign-in could land after it and replace it.
+        let store = self.store()?;
+        let lock = store.lock(&self.credential).await?;
+        let saved = store
             .save(&self.credential, refresh.expose(), Some(&account))
-            .await?;
+            .await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!(credential = %self.credential, error = %e, "could not release the credential lock");
+        }
+        saved?;
         Ok(account)
     }
 

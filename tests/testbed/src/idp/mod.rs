@@ -656,6 +656,14 @@ impl IdentityPlatform {
         }
     }
 
+    /// Whom a refresh token was issued to (the user who signed in), rotated ones included.
+    pub fn refresh_token_user(&self, token: &str) -> Option<String> {
+        self.directory()
+            .refresh_tokens
+            .get(token)
+            .map(|grant| grant.user.clone())
+    }
+
     /// The refresh tokens of the client that can still be redeemed (sorted).
     pub fn live_refresh_tokens(&self, client_id: &str) -> Vec<String> {
         let mut live: Vec<String> = self
