@@ -409,6 +409,9 @@ async fn poll_session(
             .await
             .map_err(p.reg())?;
     }
+    if !report.interrupted {
+        forget_messages_gone(p, session, selected.uidvalidity, &candidates).await;
+    }
     tracing::info!(
         mailbox = %mb.id,
         candidates = report.candidates,
@@ -422,6 +425,67 @@ async fn poll_session(
         "poll finished"
     );
     Ok(report)
+}
+
+/// Forgets the processing attempts and failed fetches of messages that are no longer in the
+/// folder: rows of an earlier UIDVALIDITY, and rows of UIDs that this poll did not list and the
+/// server says are gone (expunged or moved away after they failed). A failed message stays
+/// above the high-water mark, so while it exists it is always a candidate; one that is not was
+/// registered or is gone, and [`MailSession::present`] (a checked NOOP first) tells which, so
+/// a dead session never passes for an empty folder. Housekeeping only: a failure here is
+/// logged and does not fail the poll.
+async fn forget_messages_gone(
+    p: &Poller<'_>,
+    session: &mut MailSession,
+    uidvalidity: u32,
+    candidates: &[u32],
+) {
+    let mb = p.mb;
+    let registry = &p.ctx.pipeline.registry;
+    let outcome = async {
+        let rows = registry
+            .attempted(&mb.id, &mb.folder)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut gone, current): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|(v, _)| *v != uidvalidity);
+        let unlisted: Vec<u32> = current
+            .into_iter()
+            .map(|(_, uid)| uid)
+            .filter(|uid| candidates.binary_search(uid).is_err())
+            .collect();
+        let present = session
+            .present(&unlisted)
+            .await
+            .map_err(|e| e.to_string())?;
+        gone.extend(
+            unlisted
+                .into_iter()
+                .filter(|uid| !present.contains(uid))
+                .map(|uid| (uidvalidity, uid)),
+        );
+        let forgotten = registry
+            .forget_attempts_of_gone(&mb.id, &mb.folder, &gone)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((gone, forgotten))
+    };
+    match outcome.await {
+        Ok((_, 0)) => {}
+        Ok((gone, forgotten)) => tracing::info!(
+            mailbox = %mb.id,
+            folder = %mb.folder,
+            forgotten,
+            messages = ?gone,
+            "forgot the failures of messages no longer in the folder (uidvalidity, uid)"
+        ),
+        Err(error) => tracing::warn!(
+            mailbox = %mb.id,
+            folder = %mb.folder,
+            %error,
+            "could not look for failed messages that are no longer in the folder"
+        ),
+    }
 }
 
 /// Where message `uid` of this mailbox's folder comes from, and what to do with it afterwards.

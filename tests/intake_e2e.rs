@@ -984,6 +984,13 @@ async fn a_recreated_folder_with_a_new_uidvalidity_gives_exactly_one_new_registr
     }
     let after = bed.dovecot.uidvalidity(PODATELNA, "Podani").unwrap();
     assert_ne!(before, after, "Dovecot kept the UIDVALIDITY");
+    // A message of the old folder had failed a fetch: under the new UIDVALIDITY its UID means
+    // nothing, and the run forgets it.
+    bed.registry()
+        .await
+        .note_fetch_failure("podatelna", "Podani", before, &[2], "the server failed")
+        .await
+        .unwrap();
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1005,6 +1012,7 @@ async fn a_recreated_folder_with_a_new_uidvalidity_gives_exactly_one_new_registr
     assert_eq!(kinds.iter().filter(|k| *k == "linked").count(), 3);
     // The recreated folder's messages all end \Seen.
     assert!(bed.seen(PODATELNA, "Podani").values().all(|s| *s));
+    assert!(registry.failing(10).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1378,6 +1386,44 @@ async fn a_message_the_server_cannot_serve_holds_up_no_other(damage: Damage) {
     assert_eq!(failing.len(), 1);
     assert_eq!(failing[0].uid, broken_uid);
     assert!(failing[0].fetch_failures >= 3, "{failing:?}");
+
+    // Someone deletes the damaged message: the next poll succeeds and forgets its failures,
+    // which `registry failing` would otherwise list for ever.
+    bed.dovecot
+        .doveadm(
+            &[
+                "expunge",
+                "-u",
+                PODATELNA,
+                "mailbox",
+                "INBOX",
+                "uid",
+                &broken_uid.to_string(),
+            ],
+            None,
+        )
+        .unwrap();
+    assert!(
+        !bed.dovecot
+            .uids(PODATELNA, "INBOX")
+            .unwrap()
+            .contains(&broken_uid)
+    );
+    let out = bed.run_once().await;
+    assert!(
+        out.status.success(),
+        "{damage:?}, after the expunge: {}",
+        text(&out)
+    );
+    let registry = bed.registry().await;
+    assert!(registry.failing(10).await.unwrap().is_empty());
+    assert_eq!(registry.list(None, 20).await.unwrap().len(), 5);
+    let out = bed.command(&["registry", "failing"], &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 failing message(s)"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

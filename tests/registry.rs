@@ -181,6 +181,25 @@ async fn fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_regis
             (8, 5, 0, 1, "another UIDVALIDITY".to_owned()),
         ]
     );
+    // The rows of one folder, and forgetting those of messages gone: only the folder's.
+    r.note_fetch_failure("podatelna", "Archive", 7, &[6], "another folder")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.attempted("podatelna", "INBOX").await.unwrap(),
+        vec![(7, 6), (8, 5)]
+    );
+    assert_eq!(
+        r.forget_attempts_of_gone("podatelna", "INBOX", &[(8, 5), (7, 6), (7, 99)])
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(r.attempted("podatelna", "INBOX").await.unwrap().is_empty());
+    assert_eq!(
+        r.attempted("podatelna", "Archive").await.unwrap(),
+        vec![(7, 6)]
+    );
 }
 
 /// Two registries on one database (as two worker processes have): while one holds a

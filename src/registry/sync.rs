@@ -411,6 +411,64 @@ impl Registry {
             .collect())
     }
 
+    /// The messages of one folder that have a processing-attempts row, as (UIDVALIDITY, UID):
+    /// failed, attempted or being processed, not (yet) registered.
+    pub async fn attempted(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+    ) -> Result<Vec<(u32, u32)>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT uidvalidity, uid FROM processing_attempts \
+             WHERE mailbox_id = $1 AND folder = $2 ORDER BY uidvalidity, uid",
+        )
+        .bind(mailbox_id)
+        .bind(folder)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("list processing attempts of a folder"))?;
+        let small = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(rows
+            .iter()
+            .map(|r| (small(r.get(0)), small(r.get(1))))
+            .collect())
+    }
+
+    /// Deletes the processing-attempts rows of messages that are no longer in the folder
+    /// (expunged or moved away by someone else after they failed, or left behind by a UIDVALIDITY
+    /// change), given as (UIDVALIDITY, UID). Their counts and errors can never matter again;
+    /// kept, they would be listed by `registry failing` for ever. Returns how many were deleted.
+    pub async fn forget_attempts_of_gone(
+        &self,
+        mailbox_id: &str,
+        folder: &str,
+        gone: &[(u32, u32)],
+    ) -> Result<u64, RegistryError> {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+        let mut deleted = 0;
+        for (uidvalidity, uid) in gone {
+            deleted += sqlx::query(
+                "DELETE FROM processing_attempts \
+                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4",
+            )
+            .bind(mailbox_id)
+            .bind(folder)
+            .bind(i64::from(*uidvalidity))
+            .bind(i64::from(*uid))
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::db("forget the attempts of a message gone"))?
+            .rows_affected();
+        }
+        tx.commit()
+            .await
+            .map_err(RegistryError::db("commit forgetting attempts"))?;
+        Ok(deleted)
+    }
+
     /// Takes back the attempt counted by [`Registry::begin_attempt`] when the failure was the
     /// environment's (disk full, database unreachable), not the message's.
     pub async fn forget_attempt(&self, loc: &Location) -> Result<(), RegistryError> {
