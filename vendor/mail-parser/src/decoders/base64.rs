@@ -203,11 +203,19 @@ fn all_alphabet(bytes: &[u8]) -> bool {
     })
 }
 
-/// Appends the decoding of `groups` (whole groups of four alphabet characters, no padding).
+/// Appends the decoding of `groups` (whole groups of four alphabet characters, no padding),
+/// with SIMD where the CPU has it (base64-simd detects AVX2, SSSE3 or NEON at run time).
 fn decode_whole_groups(groups: &[u8], out: &mut Vec<u8>) {
     use base64::Engine as _;
     debug_assert!(groups.len() % 4 == 0);
     let len = out.len();
+    if base64_simd::STANDARD_NO_PAD
+        .decode_append(groups, out)
+        .is_ok()
+    {
+        return;
+    }
+    out.truncate(len);
     if base64::engine::general_purpose::STANDARD_NO_PAD
         .decode_vec(groups, out)
         .is_err()
