@@ -39,6 +39,9 @@ pub struct Config {
     pub mailboxes: Vec<MailboxConfig>,
     /// The AES-256 key that encrypts stored refresh tokens (required with delegated credentials).
     pub token_key: Option<TokenKey>,
+    /// What is valid but unsafe, such as a secret file that other users may read: printed by
+    /// `check-config` and logged when the service starts.
+    pub warnings: Vec<String>,
 }
 
 /// 32 bytes, never printed.
@@ -504,9 +507,11 @@ impl Config {
             text,
             base: &base,
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
-        let config = v.config(path, raw, env);
+        let mut config = v.config(path, raw, env);
         if v.problems.is_empty() {
+            config.warnings = v.warnings;
             Ok(config)
         } else {
             Err(ConfigError::Invalid {
@@ -525,6 +530,7 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     problems: Vec<Problem>,
+    warnings: Vec<String>,
 }
 
 /// The most IMAP sessions at once that `imap.max_sessions` can ask for.
@@ -822,6 +828,29 @@ impl Validator<'_> {
             credentials,
             mailboxes,
             token_key,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Warns when a file holding a secret (or a private key) may be read or written by users
+    /// other than its owner, as ssh does for private keys: anyone on the machine who can read it
+    /// can open the mailboxes.
+    fn check_private(&mut self, path: &Path, at: &Spanned<String>, key: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            let line = self
+                .line_of(at)
+                .map(|l| format!(", line {l}"))
+                .unwrap_or_default();
+            self.warnings.push(format!(
+                "{key}{line}: {} has mode {mode:04o}, so other users may read the secret in it; \
+                 chmod 600 it (owned by the service user)",
+                path.display()
+            ));
         }
     }
 
@@ -998,7 +1027,10 @@ impl Validator<'_> {
                     Some(file) => {
                         let path = self.path(file.get_ref());
                         match load_certificate(&path, password.flatten().as_ref()) {
-                            Ok(cert) => Some(cert),
+                            Ok(cert) => {
+                                self.check_private(&path, file, &key("certificate_file"));
+                                Some(cert)
+                            }
                             Err(problem) => {
                                 self.problem(
                                     Some(file),
@@ -1294,7 +1326,10 @@ impl Validator<'_> {
             return None;
         };
         match std::fs::read_to_string(&path) {
-            Ok(s) if !s.trim().is_empty() => Some(Some(Secret::new(s.trim().to_owned()))),
+            Ok(s) if !s.trim().is_empty() => {
+                self.check_private(&path, spanned, &key);
+                Some(Some(Secret::new(s.trim().to_owned())))
+            }
             Ok(_) => {
                 self.problem(
                     Some(spanned),

@@ -269,3 +269,65 @@ fn zero_timeouts_are_refused_and_huge_session_counts_capped() {
     let c = Config::parse(Path::new("/x/test.toml"), &text, &env()).unwrap();
     assert_eq!(c.imap.max_sessions, 4096);
 }
+
+/// A secret file that other users may read is accepted with a warning naming the key, the line,
+/// the file and the fix, printed by `check-config`; a private one (0600) gives none.
+#[test]
+fn a_secret_file_others_may_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client.secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let path = dir.path().join("mailintake.toml");
+    std::fs::write(
+        &path,
+        GOOD.replace(
+            "client_secret_env = \"MAILINTAKE_PODATELNA_SECRET\"",
+            "client_secret_file = \"client.secret\"",
+        ),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_mailintake"))
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = Config::load_with(&path, &env()).unwrap();
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    let warning = &config.warnings[0];
+    assert!(
+        warning.starts_with("credentials.app.client_secret_file, line 8: "),
+        "{warning}"
+    );
+    assert!(warning.contains(&secret.display().to_string()), "{warning}");
+    assert!(
+        warning.contains("mode 0644") && warning.contains("chmod 600"),
+        "{warning}"
+    );
+    assert!(!warning.contains("s3cret"), "{warning}");
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("warning: credentials.app.client_secret_file"),
+        "{stdout}"
+    );
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(
+        Config::load_with(&path, &env())
+            .unwrap()
+            .warnings
+            .is_empty()
+    );
+    let stdout = String::from_utf8_lossy(&check().stdout).into_owned();
+    assert!(!stdout.contains("warning"), "{stdout}");
+}

@@ -63,5 +63,8 @@ pub fn run(path: &Path) -> Result<(), crate::config::ConfigError> {
             if mb.enabled { "" } else { " (disabled)" }
         );
     }
+    for warning in &config.warnings {
+        println!("  warning: {warning}");
+    }
     Ok(())
 }

@@ -14,6 +14,9 @@ use crate::registry::Registry;
 use crate::scheduler;
 
 pub async fn context(config: Config) -> anyhow::Result<Context> {
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration");
+    }
     let store = RawStore::open(&config.data_dir)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     let registry = Registry::open(&config.database_url)
