@@ -159,7 +159,7 @@ async fn check_mailbox(
         let login = match credentials.login(&mb.credential, &mb.address).await {
             Ok(l) => l,
             Err(e) => {
-                let d = e.aadsts().and_then(diagnose::aadsts);
+                let d = e.diagnosis();
                 let (meaning, fix) = match (&e, d) {
                     (_, Some(d)) => (Some(d.meaning), Some(d.fix)),
                     (CredentialError::NotLoggedIn { .. }, None) => (None, Some(format!("run `mailintake auth login {}`", mb.id))),

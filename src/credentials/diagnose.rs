@@ -72,6 +72,30 @@ pub fn aadsts(code: u64) -> Option<Diagnosis> {
     })
 }
 
+/// The standard OAuth2 errors (RFC 6749 section 5.2), for providers that give no AADSTS code
+/// (Google, Keycloak, Okta…); Microsoft's codes say more and come first.
+pub fn oauth_error(error: &str) -> Option<Diagnosis> {
+    Some(match error {
+        "invalid_grant" => d(
+            "the provider no longer accepts the refresh token or authorization code: it expired, was revoked (a password change, a signed-out session) or was already used",
+            "run `mailintake auth login <mailbox>` again",
+        ),
+        "invalid_client" => d(
+            "the provider does not recognise the client: a wrong client_id or client secret",
+            "check client_id and the secret that client_secret_env/_file/_credential points at against the provider's app registration",
+        ),
+        "unauthorized_client" => d(
+            "the client may not use this grant type",
+            "allow the grant at the provider (client credentials for app-only, authorization code with refresh tokens for delegated)",
+        ),
+        "invalid_scope" => d(
+            "the provider refuses the requested scopes",
+            "check scopes against what the provider grants this client for IMAP (and offline_access for refresh tokens)",
+        ),
+        _ => return None,
+    })
+}
+
 /// Decodes a JWT's claims without verifying it (we only read what we were issued).
 pub fn jwt_claims(token: &str) -> Option<Value> {
     let payload = token.split('.').nth(1)?;

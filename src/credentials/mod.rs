@@ -60,7 +60,7 @@ pub enum CredentialError {
     #[error("credential `{credential}` is not configured")]
     Unknown { credential: String },
     /// The identity platform answered with an OAuth2 error (AADSTS… for Microsoft).
-    #[error("the identity platform refused credential `{credential}`: {}{}{}", render_code(*.code, error), description, render_hint(*.code))]
+    #[error("the identity platform refused credential `{credential}`: {}{}{}", render_code(*.code, error), description, render_hint(*.code, error))]
     Refused {
         credential: String,
         /// The OAuth2 `error` field, e.g. `invalid_client`.
@@ -95,11 +95,17 @@ fn render_code(code: Option<u64>, error: &str) -> String {
     }
 }
 
-fn render_hint(code: Option<u64>) -> String {
-    match code.and_then(diagnose::aadsts) {
+fn render_hint(code: Option<u64>, error: &str) -> String {
+    match diagnose_refusal(code, error) {
         Some(d) => format!(" — {}; fix: {}", d.meaning, d.fix),
         None => String::new(),
     }
+}
+
+/// What a refusal means: Microsoft's AADSTS code when given, else the standard OAuth2 error.
+fn diagnose_refusal(code: Option<u64>, error: &str) -> Option<diagnose::Diagnosis> {
+    code.and_then(diagnose::aadsts)
+        .or_else(|| diagnose::oauth_error(error))
 }
 
 impl CredentialError {
@@ -107,6 +113,14 @@ impl CredentialError {
     /// an administrator (wrong secret, missing consent).
     pub fn is_transient(&self) -> bool {
         matches!(self, CredentialError::Unavailable { .. })
+    }
+
+    /// What the identity platform's refusal means and what to do, when known.
+    pub fn diagnosis(&self) -> Option<diagnose::Diagnosis> {
+        match self {
+            CredentialError::Refused { code, error, .. } => diagnose_refusal(*code, error),
+            _ => None,
+        }
     }
 
     /// The AADSTS code when the identity platform gave one.
@@ -309,5 +323,42 @@ mod tests {
         assert!(text.contains("Secret ID"), "{text}");
         assert!(!e.is_transient());
         assert_eq!(e.aadsts(), Some(7000215));
+    }
+
+    #[test]
+    fn a_refusal_without_an_aadsts_code_is_explained_by_its_oauth2_error() {
+        let e = CredentialError::Refused {
+            credential: "user".into(),
+            error: "invalid_grant".into(),
+            code: None,
+            description: "Token is not active".into(),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("invalid_grant: Token is not active — "),
+            "{text}"
+        );
+        assert!(
+            text.contains("fix: run `mailintake auth login <mailbox>` again"),
+            "{text}"
+        );
+        assert!(e.diagnosis().is_some());
+        // An AADSTS code says more than the generic error and wins.
+        let e = CredentialError::Refused {
+            credential: "user".into(),
+            error: "invalid_grant".into(),
+            code: Some(700082),
+            description: "AADSTS700082: expired".into(),
+        };
+        assert!(e.to_string().contains("90 days"), "{e}");
+        // An error the standard does not list gets no guess.
+        let e = CredentialError::Refused {
+            credential: "user".into(),
+            error: "temporarily_unavailable_custom".into(),
+            code: None,
+            description: "try later".into(),
+        };
+        assert!(e.diagnosis().is_none());
+        assert!(!e.to_string().contains("fix:"), "{e}");
     }
 }
