@@ -509,9 +509,8 @@ impl Config {
             problems: Vec::new(),
             warnings: Vec::new(),
         };
-        let mut config = v.config(path, raw, env);
+        let config = v.config(path, raw, env);
         if v.problems.is_empty() {
-            config.warnings = v.warnings;
             Ok(config)
         } else {
             Err(ConfigError::Invalid {
@@ -828,7 +827,7 @@ impl Validator<'_> {
             credentials,
             mailboxes,
             token_key,
-            warnings: Vec::new(),
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 

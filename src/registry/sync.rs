@@ -375,7 +375,7 @@ impl Registry {
                 .map_err(RegistryError::db("look up fetch failures"))?;
             for row in rows {
                 let uid = row.get::<i64, _>(0) as u32;
-                let failures = u32::try_from(row.get::<i64, _>(1)).unwrap_or(u32::MAX);
+                let failures = small(row.get(1));
                 out.insert(uid, failures);
             }
         }
@@ -395,7 +395,6 @@ impl Registry {
         .fetch_all(&self.pool)
         .await
         .map_err(RegistryError::db("list failing messages"))?;
-        let small = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(rows
             .iter()
             .map(|r| FailingMessage {
@@ -427,7 +426,6 @@ impl Registry {
         .fetch_all(&self.pool)
         .await
         .map_err(RegistryError::db("list processing attempts of a folder"))?;
-        let small = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(rows
             .iter()
             .map(|r| (small(r.get(0)), small(r.get(1))))
@@ -447,21 +445,29 @@ impl Registry {
         if gone.is_empty() {
             return Ok(0);
         }
+        let mut by_validity: HashMap<u32, Vec<i64>> = HashMap::new();
+        for (uidvalidity, uid) in gone {
+            by_validity
+                .entry(*uidvalidity)
+                .or_default()
+                .push(i64::from(*uid));
+        }
         let mut tx = self.begin_write().await?;
         let mut deleted = 0;
-        for (uidvalidity, uid) in gone {
-            deleted += sqlx::query(
-                "DELETE FROM processing_attempts \
-                 WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3 AND uid = $4",
-            )
-            .bind(mailbox_id)
-            .bind(folder)
-            .bind(i64::from(*uidvalidity))
-            .bind(i64::from(*uid))
-            .execute(&mut *tx)
-            .await
-            .map_err(RegistryError::db("forget the attempts of a message gone"))?
-            .rows_affected();
+        for (uidvalidity, uids) in &by_validity {
+            let here = FolderUids {
+                mailbox_id,
+                folder,
+                uidvalidity: i64::from(*uidvalidity),
+            };
+            for chunk in uids.chunks(ATTEMPT_CHUNK) {
+                deleted += here
+                    .query(self.backend, "DELETE FROM processing_attempts", "", chunk)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(RegistryError::db("forget the attempts of messages gone"))?
+                    .rows_affected();
+            }
         }
         tx.commit()
             .await
@@ -507,3 +513,8 @@ impl Registry {
 
 /// UIDs per statement in the batch attempt queries (well under SQLite's parameter limit).
 const ATTEMPT_CHUNK: usize = 400;
+
+/// A count or UID read back from the registry (stored as BIGINT), saturated to `u32`.
+fn small(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
