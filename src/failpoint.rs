@@ -7,7 +7,8 @@
 //! middle message of a batch committed, the rest of the batch not), `after-ack` (acknowledged on
 //! the server, its rows not yet deleted), `between-parts` (a part of a message fetched in parts
 //! written, the rest not fetched), `prepare` (a message's preparation begins; as
-//! `panic@prepare:<n>`, the n-th message prepared panics, as a parser bug would).
+//! `panic@prepare:<n>`, the n-th message prepared panics, as a parser bug would), `gc-aside`
+//! (`registry gc --delete` has moved a blob aside and not yet read its age).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::failpoint;
+
 /// A SHA-256 digest, shown as lower-case hex.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sha256Digest(pub [u8; 32]);
@@ -324,7 +326,18 @@ impl RawStore {
                 continue;
             };
             if pid != own && !process_is_running(pid) {
-                let _ = fs::remove_file(entry.path());
+                // A blob gc had moved aside when it died goes back: it may have been young.
+                let restore = name
+                    .strip_suffix(ASIDE_SUFFIX)
+                    .and_then(|n| Sha256Digest::from_hex(n.split('.').next()?));
+                match restore {
+                    Some(digest) if !self.path_of(&digest).exists() => {
+                        let _ = fs::rename(entry.path(), self.path_of(&digest));
+                    }
+                    _ => {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
             }
         }
     }
@@ -337,6 +350,45 @@ impl RawStore {
             std::process::id(),
             rand::random::<u32>()
         ))
+    }
+
+    /// Deletes the blob `digest` if it is at least `min_age` old, never one a worker has just
+    /// decided to reuse. A worker reusing a stored blob sets its time to now and then checks
+    /// that it is still in place ([`already_stored`]); gc first moves the blob aside (an atomic
+    /// rename into `tmp/`), then reads its age: young, it is put back; old, it is deleted. A
+    /// worker that set the time before the move makes gc put it back; one that set it after
+    /// finds it gone and writes it again. Either way no record refers to a deleted blob.
+    pub fn remove_if_old(
+        &self,
+        digest: &Sha256Digest,
+        min_age: std::time::Duration,
+    ) -> Result<Removal, StoreError> {
+        let Some(aside) = self.set_aside(digest)? else {
+            return Ok(Removal::Gone);
+        };
+        // A blob moved aside, its age not yet read; `gc-aside` kills gc here (crash tests).
+        failpoint::hit("gc-aside");
+        aside.remove_if_old(min_age)
+    }
+
+    /// Moves a blob out of its place into `tmp/`, where a later [`RawStore::open`] puts it back
+    /// if this process dies. `None`: it is not there.
+    fn set_aside(&self, digest: &Sha256Digest) -> Result<Option<Aside>, StoreError> {
+        let path = self.path_of(digest);
+        let aside = self.tmp_dir().join(format!(
+            "{}.{}.{ASIDE_SUFFIX}",
+            digest.to_hex(),
+            std::process::id()
+        ));
+        match fs::rename(&path, &aside) {
+            Ok(()) => Ok(Some(Aside { path, aside })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError {
+                action: "move aside",
+                path,
+                source,
+            }),
+        }
     }
 
     /// Every blob in the store with its size and age, for garbage collection.
@@ -416,6 +468,10 @@ impl RawStore {
 /// old orphan (a crash between write and commit, long ago) that a new message is about to refer
 /// to must look new, or gc could delete it between this check and the commit. A blob whose time
 /// cannot be set (removed meanwhile) counts as not stored and is written again.
+///
+/// Against `gc` ([`RawStore::remove_if_old`], which moves a blob aside before it reads its age)
+/// the blob must still be in place, the same file, after its time is set: if it was moved
+/// aside before that, gc may have read the old time and deletes it, so it is written again.
 fn already_stored(dest: &Path, len: u64) -> bool {
     let Ok(meta) = fs::metadata(dest) else {
         return false;
@@ -423,11 +479,87 @@ fn already_stored(dest: &Path, len: u64) -> bool {
     if meta.len() != len {
         return false;
     }
-    OpenOptions::new()
+    let touched = OpenOptions::new()
         .write(true)
         .open(dest)
-        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-        .is_ok()
+        .and_then(|f| touch_in_place(&f, dest));
+    matches!(touched, Ok(true))
+}
+
+/// Sets the time of the opened blob `f` to now; `true` if it is still the file at `dest`.
+fn touch_in_place(f: &File, dest: &Path) -> io::Result<bool> {
+    f.set_modified(std::time::SystemTime::now())?;
+    Ok(same_file(&f.metadata()?, &fs::metadata(dest)?))
+}
+
+#[cfg(unix)]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
+    true
+}
+
+/// What [`RawStore::remove_if_old`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Deleted; it had this many bytes.
+    Removed(u64),
+    /// Younger than the minimum age (a worker reused it meanwhile): left in place.
+    Young,
+    /// Not there (deleted or never stored).
+    Gone,
+}
+
+/// Suffix of a blob moved aside by `gc` in `tmp/`: restored, not deleted, if gc died there.
+const ASIDE_SUFFIX: &str = "gc";
+
+/// A blob moved aside by [`RawStore::set_aside`]: `path` is its place, `aside` where it is.
+struct Aside {
+    path: PathBuf,
+    aside: PathBuf,
+}
+
+impl Aside {
+    /// Deletes it if it is at least `min_age` old; puts it back otherwise.
+    fn remove_if_old(self, min_age: std::time::Duration) -> Result<Removal, StoreError> {
+        let Aside { path, aside } = self;
+        let meta = fs::metadata(&aside).map_err(|source| StoreError {
+            action: "read the age of",
+            path: aside.clone(),
+            source,
+        });
+        let age = meta
+            .as_ref()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|m| m.elapsed().ok());
+        match (meta, age) {
+            (Ok(meta), Some(age)) if age >= min_age => {
+                fs::remove_file(&aside).map_err(|source| StoreError {
+                    action: "delete",
+                    path: aside,
+                    source,
+                })?;
+                Ok(Removal::Removed(meta.len()))
+            }
+            // Young (or its age unreadable): back where it was. Bytes a worker wrote there
+            // meanwhile are the same bytes.
+            (meta, _) => {
+                fs::rename(&aside, &path)
+                    .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
+                    .map_err(|source| StoreError {
+                        action: "put back",
+                        path: path.clone(),
+                        source,
+                    })?;
+                meta.map(|_| Removal::Young)
+            }
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -937,6 +1069,101 @@ mod tests {
             (1..=DIRECT_BUFFERS_KEPT).contains(&kept),
             "{kept} bounce buffers kept"
         );
+    }
+
+    /// Sets a blob's time three days back, as an orphan from long ago.
+    fn make_old(store: &RawStore, digest: &Sha256Digest) {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(store.path_of(digest))
+            .unwrap();
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 86_400);
+        f.set_modified(then).unwrap();
+    }
+
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+    #[test]
+    fn gc_removes_an_old_blob_and_puts_a_young_one_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let old = store.put(b"old orphan").unwrap();
+        make_old(&store, &old);
+        let young = store.put(b"young orphan").unwrap();
+        assert_eq!(
+            store.remove_if_old(&old, DAY).unwrap(),
+            Removal::Removed(10)
+        );
+        assert!(!store.path_of(&old).exists());
+        assert_eq!(store.remove_if_old(&young, DAY).unwrap(), Removal::Young);
+        assert_eq!(store.get_verified(&young).unwrap(), b"young orphan");
+        assert_eq!(store.remove_if_old(&old, DAY).unwrap(), Removal::Gone);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A worker reuses an old blob (the same bytes arrive again) while gc deletes it: whatever
+    /// the order of their steps, the blob is there once the worker has decided.
+    #[test]
+    fn a_blob_reused_while_gc_removes_it_is_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let bytes: &[u8] = b"the same form, sent again a month later";
+        let len = bytes.len() as u64;
+        let digest = store.put(bytes).unwrap();
+        let dest = store.path_of(&digest);
+
+        // The worker first: gc finds the blob young and puts it back.
+        make_old(&store, &digest);
+        assert!(already_stored(&dest, len));
+        assert_eq!(store.remove_if_old(&digest, DAY).unwrap(), Removal::Young);
+        assert_eq!(store.get_verified(&digest).unwrap(), bytes);
+
+        // gc moves it aside first: the worker does not count on it and writes it again.
+        make_old(&store, &digest);
+        let aside = store.set_aside(&digest).unwrap().unwrap();
+        assert!(!already_stored(&dest, len));
+        store.put_with_digest(bytes, digest).unwrap();
+        assert_eq!(aside.remove_if_old(DAY).unwrap(), Removal::Removed(len));
+        assert_eq!(store.get_verified(&digest).unwrap(), bytes);
+
+        // The worker opened it before gc moved it aside, and sets its time after gc read the
+        // old one and deleted it: setting the time of an open file succeeds all the same, so
+        // the worker must see that the blob is no longer in place.
+        make_old(&store, &digest);
+        let opened = OpenOptions::new().write(true).open(&dest).unwrap();
+        let aside = store.set_aside(&digest).unwrap().unwrap();
+        assert_eq!(aside.remove_if_old(DAY).unwrap(), Removal::Removed(len));
+        assert!(!matches!(touch_in_place(&opened, &dest), Ok(true)));
+
+        // The same, the time set between the move and gc's look: gc puts it back.
+        store.put_with_digest(bytes, digest).unwrap();
+        make_old(&store, &digest);
+        let opened = OpenOptions::new().write(true).open(&dest).unwrap();
+        let aside = store.set_aside(&digest).unwrap().unwrap();
+        assert!(!matches!(touch_in_place(&opened, &dest), Ok(true)));
+        assert_eq!(aside.remove_if_old(DAY).unwrap(), Removal::Young);
+        assert_eq!(store.get_verified(&digest).unwrap(), bytes);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_blob_gc_had_moved_aside_when_it_died_is_put_back_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let digest = store.put(b"moved aside by a gc that was killed").unwrap();
+        // Where `set_aside` puts it, under a process that no longer runs (pid 0 never does).
+        let aside = dir
+            .path()
+            .join("tmp")
+            .join(format!("{}.0.{ASIDE_SUFFIX}", digest.to_hex()));
+        fs::rename(store.path_of(&digest), &aside).unwrap();
+        drop(store);
+        let store = RawStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get_verified(&digest).unwrap(),
+            b"moved aside by a gc that was killed"
+        );
+        assert!(!aside.exists());
     }
 
     #[test]

@@ -1140,6 +1140,31 @@ async fn gc_lists_orphaned_blobs_and_deletes_only_when_asked() {
         bed.store().get(&orphan).is_ok(),
         "a dry run deletes nothing"
     );
+    // gc killed after moving the orphan aside, before reading its age (it might have been a
+    // blob a worker was reusing): the next command that opens the store puts it back.
+    let blob_path = bed
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&orphan.to_hex()[..2])
+        .join(orphan.to_hex());
+    let killed = bed
+        .command(
+            &["registry", "gc", "--delete", "--min-age-secs", "0"],
+            &[("MAILINTAKE_FAILPOINT", "gc-aside")],
+        )
+        .await;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(9),
+        "{}",
+        text(&killed)
+    );
+    assert!(!blob_path.exists(), "gc had moved it aside");
+    let dry = bed
+        .command(&["registry", "gc", "--dry-run", "--min-age-secs", "0"], &[])
+        .await;
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("1 orphaned blob(s)"));
+    assert!(blob_path.exists(), "put back");
     // Young orphans are left alone by default (a commit may be in progress).
     let young = bed.command(&["registry", "gc", "--delete"], &[]).await;
     assert!(String::from_utf8_lossy(&young.stdout).contains("0 orphaned blob(s)"));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::raw_store::RawStore;
+use crate::raw_store::{RawStore, Removal};
 use crate::registry::{Registry, Status};
 
 pub async fn list(config: &Config, status: Option<Status>, limit: i64) -> anyhow::Result<()> {
@@ -122,7 +122,8 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
     let registry = Registry::open(&config.database_url).await?;
     // Blobs first, references second: a blob listed here whose record commits meanwhile is in
     // the references read after it. A worker that reuses a stored blob makes it young first
-    // (`RawStore` sets its time), and its age is read again just before it is deleted.
+    // (`RawStore` sets its time), and its age is read again once it is moved aside, just before
+    // it is deleted (`RawStore::remove_if_old`).
     let blobs = store.list()?;
     let referenced = registry.referenced_blobs().await?;
     registry.close().await;
@@ -142,14 +143,21 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
             young += 1;
             continue;
         }
-        count += 1;
-        bytes += blob.size;
-        if delete {
-            std::fs::remove_file(&blob.path)
-                .with_context(|| format!("cannot delete {}", blob.path.display()))?;
-            println!("deleted  {}  {} bytes", blob.path.display(), blob.size);
-        } else {
+        if !delete {
+            count += 1;
+            bytes += blob.size;
             println!("orphan   {}  {} bytes", blob.path.display(), blob.size);
+            continue;
+        }
+        // Removed only if still old once moved aside: a worker may reuse it at any moment.
+        match store.remove_if_old(&blob.digest, min_age)? {
+            Removal::Removed(size) => {
+                count += 1;
+                bytes += size;
+                println!("deleted  {}  {size} bytes", blob.path.display());
+            }
+            Removal::Young => young += 1,
+            Removal::Gone => {}
         }
     }
     println!(
