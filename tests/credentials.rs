@@ -436,6 +436,39 @@ async fn a_rotated_refresh_token_the_store_refuses_is_kept_and_stored_later() {
     registers_one(&bed).await;
 }
 
+/// The registry that keeps the refresh tokens cannot be reached (here its connections are
+/// closed, as a database restart leaves them): a temporary failure, so the scheduler polls again
+/// at its next tick instead of backing off as for a fault an administrator must fix. A stored
+/// token that cannot be decrypted (another key) is such a fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_that_cannot_be_reached_is_a_temporary_failure() {
+    use mailintake::credentials::{CredentialError, Credentials};
+    let bed = delegated_bed("entra-delegated", "http://localhost/").await;
+    let (status, stdout, stderr, _) = browser_login(&bed).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let config = mailintake::config::Config::load(&bed.config).unwrap();
+    let registry = bed.registry().await;
+    let store = TokenStore::new(registry.clone(), TokenKey::parse(KEY_HEX).unwrap());
+    let credentials = Credentials::from_config(&config, Some(store)).unwrap();
+    registry.close().await;
+    let unreachable = credentials.login("user", USER).await.err().unwrap();
+    assert!(
+        matches!(unreachable, CredentialError::Store { .. }),
+        "{unreachable}"
+    );
+    assert!(unreachable.is_transient(), "{unreachable}");
+
+    let other_key = TokenKey::parse(&KEY_HEX.replace('0', "f")).unwrap();
+    let store = TokenStore::new(bed.registry().await, other_key);
+    let credentials = Credentials::from_config(&config, Some(store)).unwrap();
+    let undecryptable = credentials.login("user", USER).await.err().unwrap();
+    assert!(
+        matches!(undecryptable, CredentialError::Store { .. }),
+        "{undecryptable}"
+    );
+    assert!(!undecryptable.is_transient(), "{undecryptable}");
+}
+
 /// Two workers on one registry (two processes, each with its own pool and cache) whose access
 /// tokens run out together refresh the same delegated credential at once, against a slow
 /// provider that rotates refresh tokens and refuses a used one. They take turns: each exchanges

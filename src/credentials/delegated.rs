@@ -111,6 +111,7 @@ impl Delegated {
         self.store.as_ref().ok_or_else(|| CredentialError::Store {
             credential: self.credential.clone(),
             detail: "no token store (configure [secrets] token_key_*)".into(),
+            transient: false,
         })
     }
 

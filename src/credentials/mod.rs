@@ -83,7 +83,13 @@ pub enum CredentialError {
     #[error("credential `{credential}`: cannot sign the client assertion: {detail}")]
     Assertion { credential: String, detail: String },
     #[error("credential `{credential}`: token store: {detail}")]
-    Store { credential: String, detail: String },
+    Store {
+        credential: String,
+        detail: String,
+        /// The registry that keeps the tokens could not be reached (a database restart, a
+        /// network outage): it may come back by itself, unlike a wrong key or a damaged token.
+        transient: bool,
+    },
     #[error("credential `{credential}`: {detail}")]
     Login { credential: String, detail: String },
 }
@@ -112,7 +118,14 @@ impl CredentialError {
     /// A failure that may go away by itself (network, IdP outage), as opposed to one that needs
     /// an administrator (wrong secret, missing consent).
     pub fn is_transient(&self) -> bool {
-        matches!(self, CredentialError::Unavailable { .. })
+        matches!(
+            self,
+            CredentialError::Unavailable { .. }
+                | CredentialError::Store {
+                    transient: true,
+                    ..
+                }
+        )
     }
 
     /// What the identity platform's refusal means and what to do, when known.

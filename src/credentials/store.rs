@@ -7,7 +7,7 @@ use openssl::symm::{Cipher, decrypt_aead, encrypt_aead};
 
 use super::CredentialError;
 use crate::config::TokenKey;
-use crate::registry::{CredentialLock, Registry};
+use crate::registry::{CredentialLock, Registry, RegistryError};
 use crate::secret::Secret;
 
 const NONCE: usize = 12;
@@ -32,6 +32,17 @@ fn store_error(credential: &str, detail: String) -> CredentialError {
     CredentialError::Store {
         credential: credential.to_owned(),
         detail,
+        transient: false,
+    }
+}
+
+/// The registry failed: temporary if the database could not be reached, so that the scheduler
+/// retries at the next tick instead of backing off as for a fault an administrator must fix.
+fn registry_error(credential: &str, e: RegistryError) -> CredentialError {
+    CredentialError::Store {
+        credential: credential.to_owned(),
+        transient: e.is_transient(),
+        detail: e.to_string(),
     }
 }
 
@@ -92,7 +103,7 @@ impl TokenStore {
         self.registry
             .lock_credential(credential)
             .await
-            .map_err(|e| store_error(credential, e.to_string()))
+            .map_err(|e| registry_error(credential, e))
     }
 
     pub async fn load(&self, credential: &str) -> Result<Option<StoredToken>, CredentialError> {
@@ -100,7 +111,7 @@ impl TokenStore {
             .registry
             .credential_token(credential)
             .await
-            .map_err(|e| store_error(credential, e.to_string()))?
+            .map_err(|e| registry_error(credential, e))?
         else {
             return Ok(None);
         };
@@ -123,13 +134,13 @@ impl TokenStore {
         self.registry
             .put_credential_token(credential, &sealed, account)
             .await
-            .map_err(|e| store_error(credential, e.to_string()))
+            .map_err(|e| registry_error(credential, e))
     }
 
     pub async fn touch(&self, credential: &str) -> Result<(), CredentialError> {
         self.registry
             .touch_credential_token(credential)
             .await
-            .map_err(|e| store_error(credential, e.to_string()))
+            .map_err(|e| registry_error(credential, e))
     }
 }
