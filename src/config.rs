@@ -1129,6 +1129,12 @@ impl Validator<'_> {
                         key("token_url"),
                         "the provider's token endpoint URL",
                     );
+                    self.endpoint(c.authorization_url.as_ref(), key("authorization_url"));
+                    self.endpoint(c.token_url.as_ref(), key("token_url"));
+                    self.endpoint(
+                        c.device_authorization_url.as_ref(),
+                        key("device_authorization_url"),
+                    );
                     let sasl = match c.sasl.as_ref().map(|s| s.get_ref().as_str()) {
                         None | Some("xoauth2") => OAuthSasl::XOAuth2,
                         Some("oauthbearer") => OAuthSasl::OAuthBearer,
@@ -1220,6 +1226,25 @@ impl Validator<'_> {
             );
         }
         authority
+    }
+
+    /// A provider's endpoint: an absolute https:// URL (http:// only to a loopback address, as
+    /// for a local test provider), since client secrets and tokens travel to it.
+    fn endpoint(&mut self, value: Option<&Spanned<String>>, key: String) {
+        let Some(v) = value else { return };
+        let url = v.get_ref();
+        let problem = match oauth2::url::Url::parse(url) {
+            Err(e) => format!("{url:?} is not a URL: {e}"),
+            Ok(u) if u.scheme() == "https" && u.host().is_some() => return,
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback) => return,
+            Ok(_) => format!("{url:?} is not an https:// URL"),
+        };
+        self.problem(
+            Some(v),
+            key,
+            problem,
+            "copy the endpoint from the provider's documentation or its /.well-known/openid-configuration, e.g. https://oauth2.googleapis.com/token",
+        );
     }
 
     fn date(&mut self, value: &Option<Spanned<String>>, key: String) -> Option<chrono::NaiveDate> {

@@ -233,6 +233,34 @@ fn delegated_redirect_uri_is_loopback_with_or_without_a_port() {
 }
 
 #[test]
+fn a_providers_endpoints_must_be_https_urls() {
+    let with = |token_url: &str| {
+        format!(
+            "{GOOD}\n[secrets]\ntoken_key_env = \"MAILINTAKE_TOKEN_KEY\"\n\n[credentials.google]\nkind = \"oauth2\"\nclient_id = \"c3\"\nauthorization_url = \"https://accounts.google.com/o/oauth2/v2/auth\"\ntoken_url = \"{token_url}\"\nscopes = [\"https://mail.google.com/\"]\n"
+        )
+    };
+    for ok in [
+        "https://oauth2.googleapis.com/token",
+        "http://127.0.0.1:8080/token",
+        "http://localhost/token",
+    ] {
+        let c = Config::parse(Path::new("/x.toml"), &with(ok), &env());
+        assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+    }
+    for (bad, says) in [
+        ("oauth2.googleapis.com/token", "not a URL"),
+        ("http://oauth2.googleapis.com/token", "not an https:// URL"),
+        ("ftp://idp.example/token", "not an https:// URL"),
+    ] {
+        let p = problems(&with(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].key, "credentials.google.token_url", "{p:?}");
+        assert!(p[0].problem.contains(says), "{bad}: {p:?}");
+        assert!(p[0].line.is_some(), "{p:?}");
+    }
+}
+
+#[test]
 fn a_secret_on_a_mistyped_line_is_not_echoed() {
     // `client_secret` is not a key (only `client_secret_env` / `_file` are): the TOML error
     // names the key and the line, never the line's text.

@@ -114,10 +114,11 @@ impl EntraApp {
         token_url: &str,
     ) -> Result<EntraClient, CredentialError> {
         let url =
-            TokenUrl::new(token_url.to_owned()).map_err(|e| CredentialError::Unavailable {
+            // A configuration fault, not an outage: the authority is checked when the
+            // configuration is loaded, so only an odd tenant ID gets here.
+            TokenUrl::new(token_url.to_owned()).map_err(|e| CredentialError::Login {
                 credential: credential.to_owned(),
-                url: token_url.to_owned(),
-                detail: format!("invalid token URL: {e}"),
+                detail: format!("invalid token URL {token_url}: {e}"),
             })?;
         Ok(oauth2::Client::new(ClientId::new(client_id.to_owned()))
             // Microsoft expects client_id (and a secret) in the form body.
