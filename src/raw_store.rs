@@ -320,25 +320,60 @@ impl RawStore {
             return;
         };
         let own = std::process::id();
-        for entry in entries.flatten() {
+        // Blobs a gc moved aside and did not put back (it was killed) go back to their place,
+        // but only while no gc runs: a running gc holds the lock and finishes its own. Whether
+        // it runs is asked of the lock, not of its pid (in a container gc may well be pid 1).
+        let entries: Vec<_> = entries.flatten().collect();
+        let aside = |e: &fs::DirEntry| e.file_name().to_string_lossy().ends_with(ASIDE_SUFFIX);
+        let gc_idle = entries
+            .iter()
+            .any(aside)
+            .then(|| self.lock_for_gc().ok())
+            .flatten();
+        for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(hex) = name.strip_suffix(ASIDE_SUFFIX) {
+                if let (Some(_), Some(digest)) = (
+                    &gc_idle,
+                    hex.split('.').next().and_then(Sha256Digest::from_hex),
+                ) {
+                    // It may have been a blob a worker was reusing: it comes back young.
+                    let _ = put_back(&entry.path(), &self.path_of(&digest), true);
+                }
+                continue;
+            }
             let Some(pid) = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
             if pid != own && !process_is_running(pid) {
-                // A blob gc had moved aside when it died goes back: it may have been young.
-                let restore = name
-                    .strip_suffix(ASIDE_SUFFIX)
-                    .and_then(|n| Sha256Digest::from_hex(n.split('.').next()?));
-                match restore {
-                    Some(digest) if !self.path_of(&digest).exists() => {
-                        let _ = fs::rename(entry.path(), self.path_of(&digest));
-                    }
-                    _ => {
-                        let _ = fs::remove_file(entry.path());
-                    }
-                }
+                let _ = fs::remove_file(entry.path());
             }
+        }
+    }
+
+    /// Taken by `registry gc --delete` for its whole run (an advisory lock on `tmp/gc.lock`,
+    /// released by the kernel if gc dies): one gc at a time, and [`RawStore::open`] leaves the
+    /// blobs a running gc has moved aside alone.
+    pub fn lock_for_gc(&self) -> Result<GcLock, StoreError> {
+        let path = self.tmp_dir().join(GC_LOCK);
+        let err = |action, source| StoreError {
+            action,
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| err("open", e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(GcLock(file)),
+            Err(fs::TryLockError::WouldBlock) => Err(err(
+                "lock (another `registry gc` is running on this data dir)",
+                io::Error::from(io::ErrorKind::WouldBlock),
+            )),
+            Err(fs::TryLockError::Error(e)) => Err(err("lock", e)),
         }
     }
 
@@ -360,6 +395,7 @@ impl RawStore {
     /// finds it gone and writes it again. Either way no record refers to a deleted blob.
     pub fn remove_if_old(
         &self,
+        _gc: &GcLock,
         digest: &Sha256Digest,
         min_age: std::time::Duration,
     ) -> Result<Removal, StoreError> {
@@ -372,7 +408,7 @@ impl RawStore {
     }
 
     /// Moves a blob out of its place into `tmp/`, where a later [`RawStore::open`] puts it back
-    /// if this process dies. `None`: it is not there.
+    /// if this process dies (its gc lock goes with it). `None`: it is not there.
     fn set_aside(&self, digest: &Sha256Digest) -> Result<Option<Aside>, StoreError> {
         let path = self.path_of(digest);
         let aside = self.tmp_dir().join(format!(
@@ -549,18 +585,47 @@ impl Aside {
             // Young (or its age unreadable): back where it was. Bytes a worker wrote there
             // meanwhile are the same bytes.
             (meta, _) => {
-                fs::rename(&aside, &path)
-                    .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
-                    .map_err(|source| StoreError {
-                        action: "put back",
-                        path: path.clone(),
-                        source,
-                    })?;
+                put_back(&aside, &path, false).map_err(|source| StoreError {
+                    action: "put back",
+                    path: path.clone(),
+                    source,
+                })?;
                 meta.map(|_| Removal::Young)
             }
         }
     }
 }
+
+/// Puts a blob moved aside back in its place, never over a file there: a worker that found the
+/// place empty meanwhile has written and published the same bytes, perhaps already referred to
+/// by a record, and an older copy must not replace it (it would look old to the next gc).
+/// `young`: set its time to now first, as a worker reusing it would have.
+fn put_back(aside: &Path, path: &Path, young: bool) -> io::Result<()> {
+    if young {
+        OpenOptions::new()
+            .write(true)
+            .open(aside)?
+            .set_modified(std::time::SystemTime::now())?;
+    }
+    match fs::hard_link(aside, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        // A filesystem without hard links: moved back, unless something is there meanwhile.
+        Err(_) if !path.exists() => fs::rename(aside, path)?,
+        Err(e) => return Err(e),
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    match fs::remove_file(aside) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Held by a running `registry gc --delete` (see [`RawStore::lock_for_gc`]).
+pub struct GcLock(#[allow(dead_code)] File);
+
+/// The gc lock's file in `tmp/` (no pid in its name: never taken for an abandoned temp file).
+const GC_LOCK: &str = "gc.lock";
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -1065,10 +1130,7 @@ mod tests {
         }
         // What the threads borrowed was given back, and no more than a few are kept.
         let kept = DIRECT_BUFFERS.lock().unwrap().len();
-        assert!(
-            (1..=DIRECT_BUFFERS_KEPT).contains(&kept),
-            "{kept} bounce buffers kept"
-        );
+        assert!(kept <= DIRECT_BUFFERS_KEPT, "{kept} bounce buffers kept");
     }
 
     /// Sets a blob's time three days back, as an orphan from long ago.
@@ -1087,18 +1149,22 @@ mod tests {
     fn gc_removes_an_old_blob_and_puts_a_young_one_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = RawStore::open(dir.path()).unwrap();
+        let gc = store.lock_for_gc().unwrap();
         let old = store.put(b"old orphan").unwrap();
         make_old(&store, &old);
         let young = store.put(b"young orphan").unwrap();
         assert_eq!(
-            store.remove_if_old(&old, DAY).unwrap(),
+            store.remove_if_old(&gc, &old, DAY).unwrap(),
             Removal::Removed(10)
         );
         assert!(!store.path_of(&old).exists());
-        assert_eq!(store.remove_if_old(&young, DAY).unwrap(), Removal::Young);
+        assert_eq!(
+            store.remove_if_old(&gc, &young, DAY).unwrap(),
+            Removal::Young
+        );
         assert_eq!(store.get_verified(&young).unwrap(), b"young orphan");
-        assert_eq!(store.remove_if_old(&old, DAY).unwrap(), Removal::Gone);
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.remove_if_old(&gc, &old, DAY).unwrap(), Removal::Gone);
+        assert_eq!(tmp_files(dir.path()), Vec::<String>::new());
     }
 
     /// A worker reuses an old blob (the same bytes arrive again) while gc deletes it: whatever
@@ -1115,7 +1181,11 @@ mod tests {
         // The worker first: gc finds the blob young and puts it back.
         make_old(&store, &digest);
         assert!(already_stored(&dest, len));
-        assert_eq!(store.remove_if_old(&digest, DAY).unwrap(), Removal::Young);
+        let gc = store.lock_for_gc().unwrap();
+        assert_eq!(
+            store.remove_if_old(&gc, &digest, DAY).unwrap(),
+            Removal::Young
+        );
         assert_eq!(store.get_verified(&digest).unwrap(), bytes);
 
         // gc moves it aside first: the worker does not count on it and writes it again.
@@ -1143,27 +1213,80 @@ mod tests {
         assert!(!matches!(touch_in_place(&opened, &dest), Ok(true)));
         assert_eq!(aside.remove_if_old(DAY).unwrap(), Removal::Young);
         assert_eq!(store.get_verified(&digest).unwrap(), bytes);
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(tmp_files(dir.path()), Vec::<String>::new());
+    }
+
+    /// The files in `tmp/` but the gc lock's.
+    fn tmp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != GC_LOCK)
+            .collect()
+    }
+
+    /// Where `set_aside` puts a blob, as a gc of this `pid` leaves it when killed.
+    fn aside_path(dir: &Path, digest: &Sha256Digest, pid: u32) -> PathBuf {
+        dir.join("tmp")
+            .join(format!("{}.{pid}.{ASIDE_SUFFIX}", digest.to_hex()))
     }
 
     #[test]
-    fn a_blob_gc_had_moved_aside_when_it_died_is_put_back_at_open() {
+    fn a_blob_gc_had_moved_aside_when_it_died_is_put_back_at_open_young() {
         let dir = tempfile::tempdir().unwrap();
         let store = RawStore::open(dir.path()).unwrap();
-        let digest = store.put(b"moved aside by a gc that was killed").unwrap();
-        // Where `set_aside` puts it, under a process that no longer runs (pid 0 never does).
-        let aside = dir
-            .path()
-            .join("tmp")
-            .join(format!("{}.0.{ASIDE_SUFFIX}", digest.to_hex()));
+        let bytes: &[u8] = b"moved aside by a gc that was killed";
+        let digest = store.put(bytes).unwrap();
+        make_old(&store, &digest);
+        // Under pid 1, which always runs (a gc in a container is often pid 1): what decides is
+        // that no gc holds the lock, not the pid.
+        let aside = aside_path(dir.path(), &digest, 1);
         fs::rename(store.path_of(&digest), &aside).unwrap();
-        drop(store);
+        // While a gc runs, its blobs aside are its own.
+        let gc = store.lock_for_gc().unwrap();
+        drop(RawStore::open(dir.path()).unwrap());
+        assert!(aside.exists() && !store.path_of(&digest).exists());
+        assert!(store.lock_for_gc().is_err(), "one gc at a time");
+        drop(gc);
         let store = RawStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.get_verified(&digest).unwrap(),
-            b"moved aside by a gc that was killed"
-        );
+        assert_eq!(store.get_verified(&digest).unwrap(), bytes);
         assert!(!aside.exists());
+        // It may have been a blob a worker was reusing: it comes back young.
+        let age = fs::metadata(store.path_of(&digest))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .elapsed()
+            .unwrap_or_default();
+        assert!(age < DAY, "{age:?}");
+    }
+
+    #[test]
+    fn a_blob_put_back_never_replaces_the_copy_a_worker_wrote_meanwhile() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let bytes: &[u8] = b"the same bytes, set aside and written again";
+        let digest = store.put(bytes).unwrap();
+        let aside = aside_path(dir.path(), &digest, 0);
+        fs::rename(store.path_of(&digest), &aside).unwrap();
+        // A worker found the place empty and wrote the bytes again (and its record may already
+        // refer to them); then the aside is put back, at open or by gc.
+        store.put(bytes).unwrap();
+        let written = fs::metadata(store.path_of(&digest)).unwrap().ino();
+        drop(RawStore::open(dir.path()).unwrap());
+        assert_eq!(fs::metadata(store.path_of(&digest)).unwrap().ino(), written);
+        assert!(!aside.exists());
+        // gc's own put-back of a young blob, the same.
+        let gc = store.lock_for_gc().unwrap();
+        let set = store.set_aside(&digest).unwrap().unwrap();
+        store.put(bytes).unwrap();
+        let written = fs::metadata(store.path_of(&digest)).unwrap().ino();
+        assert_eq!(set.remove_if_old(DAY).unwrap(), Removal::Young);
+        assert_eq!(fs::metadata(store.path_of(&digest)).unwrap().ino(), written);
+        assert_eq!(store.get_verified(&digest).unwrap(), bytes);
+        drop(gc);
+        assert_eq!(tmp_files(dir.path()), Vec::<String>::new());
     }
 
     #[test]

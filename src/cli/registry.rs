@@ -124,6 +124,22 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
     // the references read after it. A worker that reuses a stored blob makes it young first
     // (`RawStore` sets its time), and its age is read again once it is moved aside, just before
     // it is deleted (`RawStore::remove_if_old`).
+    // One gc deletes at a time; a worker starting meanwhile holds the lock for a moment only.
+    let lock = if delete {
+        let mut tries = 0;
+        loop {
+            match store.lock_for_gc() {
+                Ok(lock) => break Some(lock),
+                Err(e) if tries < 50 && e.source.kind() == std::io::ErrorKind::WouldBlock => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    } else {
+        None
+    };
     let blobs = store.list()?;
     let referenced = registry.referenced_blobs().await?;
     registry.close().await;
@@ -143,14 +159,14 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
             young += 1;
             continue;
         }
-        if !delete {
+        let Some(lock) = &lock else {
             count += 1;
             bytes += blob.size;
             println!("orphan   {}  {} bytes", blob.path.display(), blob.size);
             continue;
-        }
+        };
         // Removed only if still old once moved aside: a worker may reuse it at any moment.
-        match store.remove_if_old(&blob.digest, min_age)? {
+        match store.remove_if_old(lock, &blob.digest, min_age)? {
             Removal::Removed(size) => {
                 count += 1;
                 bytes += size;
