@@ -1214,14 +1214,11 @@ impl Validator<'_> {
     }
 
     fn authority(&mut self, authority: String, c: &RawCredential, key: &str) -> String {
-        if !(authority.starts_with("https://")
-            || authority.starts_with("http://127.")
-            || authority.starts_with("http://localhost"))
-        {
+        if let Some(problem) = endpoint_problem(&authority) {
             self.problem(
                 c.authority.as_ref(),
                 key.to_owned(),
-                format!("authority {authority:?} is not an https:// URL"),
+                format!("authority {problem}"),
                 "use https://login.microsoftonline.com (public cloud) or your sovereign cloud's login URL",
             );
         }
@@ -1231,13 +1228,12 @@ impl Validator<'_> {
     /// A provider's endpoint: an absolute https:// URL (http:// only to a loopback address, as
     /// for a local test provider), since client secrets and tokens travel to it.
     fn endpoint(&mut self, value: Option<&Spanned<String>>, key: String) {
-        let Some(v) = value else { return };
-        let url = v.get_ref();
-        let problem = match oauth2::url::Url::parse(url) {
-            Err(e) => format!("{url:?} is not a URL: {e}"),
-            Ok(u) if u.scheme() == "https" && u.host().is_some() => return,
-            Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback) => return,
-            Ok(_) => format!("{url:?} is not an https:// URL"),
+        // A blank one is reported as missing.
+        let Some(v) = value.filter(|v| !v.get_ref().trim().is_empty()) else {
+            return;
+        };
+        let Some(problem) = endpoint_problem(v.get_ref()) else {
+            return;
         };
         self.problem(
             Some(v),
@@ -1615,6 +1611,17 @@ fn load_certificate(path: &Path, password: Option<&Secret>) -> Result<AppCertifi
         not_after,
         private_key_pem: Secret::new(String::from_utf8_lossy(&pem).into_owned()),
     })
+}
+
+/// What is wrong with a URL that secrets and tokens are sent to, if anything: it must be an
+/// absolute https:// URL, or http:// to this machine (a local test provider).
+fn endpoint_problem(url: &str) -> Option<String> {
+    match oauth2::url::Url::parse(url) {
+        Err(e) => Some(format!("{url:?} is not a URL: {e}")),
+        Ok(u) if u.scheme() == "https" && u.host().is_some() => None,
+        Ok(u) if u.scheme() == "http" && u.host_str().is_some_and(is_loopback) => None,
+        Ok(_) => Some(format!("{url:?} is not an https:// URL")),
+    }
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -258,6 +258,30 @@ fn a_providers_endpoints_must_be_https_urls() {
         assert!(p[0].problem.contains(says), "{bad}: {p:?}");
         assert!(p[0].line.is_some(), "{p:?}");
     }
+    // Microsoft's authority likewise: no look-alike of a loopback name passes.
+    let entra = |authority: &str| {
+        GOOD.replace(
+            "kind = \"entra-app-secret\"\n",
+            &format!("kind = \"entra-app-secret\"\nauthority = \"{authority}\"\n"),
+        )
+    };
+    for ok in [
+        "https://login.microsoftonline.us",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8080",
+    ] {
+        let c = Config::parse(Path::new("/x.toml"), &entra(ok), &env());
+        assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+    }
+    for bad in [
+        "http://localhost.evil.example",
+        "http://127.attacker.example",
+        "login.microsoftonline.com",
+    ] {
+        let p = problems(&entra(bad));
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].key, "credentials.app.authority", "{p:?}");
+    }
 }
 
 #[test]

@@ -114,8 +114,8 @@ impl EntraApp {
         token_url: &str,
     ) -> Result<EntraClient, CredentialError> {
         let url =
-            // A configuration fault, not an outage: the authority is checked when the
-            // configuration is loaded, so only an odd tenant ID gets here.
+            // A configuration fault (an odd tenant ID, say), not an outage: the authority is
+            // checked when the configuration is loaded.
             TokenUrl::new(token_url.to_owned()).map_err(|e| CredentialError::Login {
                 credential: credential.to_owned(),
                 detail: format!("invalid token URL {token_url}: {e}"),
