@@ -164,6 +164,7 @@ async fn check_mailbox(
                     (_, Some(d)) => (Some(d.meaning), Some(d.fix)),
                     (CredentialError::NotLoggedIn { .. }, None) => (None, Some(format!("run `mailintake auth login {}`", mb.id))),
                     (CredentialError::Unavailable { .. }, None) => (Some("temporary: the identity platform is unreachable — not a credential problem".into()), None),
+                    (CredentialError::Store { transient: true, .. }, None) => (Some("temporary: the registry database that keeps the refresh tokens is unreachable — not a credential problem".into()), None),
                     _ => (None, None),
                 };
                 let temporary = e.is_transient();
