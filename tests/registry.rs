@@ -92,7 +92,70 @@ both_backends!(
     a_credential_lock_is_held_by_one_process_at_a_time,
     ten_credentials_refreshing_at_once_do_not_starve_the_pool,
     fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration,
+    a_database_that_says_try_again_is_a_temporary_failure,
 );
+
+/// The database's own "try again" (a lock another process holds past the wait; on PostgreSQL
+/// also a restart ending the session) is temporary: the scheduler polls again at its next
+/// tick instead of backing off as for a fault an administrator must fix. A refused value is not.
+async fn a_database_that_says_try_again_is_a_temporary_failure(db: &TestDb) {
+    use mailintake::registry::RegistryError;
+    Registry::open(&db.url()).await.unwrap().close().await;
+    let classify = |source: sqlx::Error| {
+        let e = RegistryError::Db {
+            action: "test",
+            source,
+        };
+        (e.is_transient(), e.is_data_error())
+    };
+    let mut holder = sqlx::AnyConnection::connect(&db.url()).await.unwrap();
+    let mut waiter = sqlx::AnyConnection::connect(&db.url()).await.unwrap();
+    let (hold, wait, refused) = match db {
+        TestDb::Sqlite(_) => (
+            "BEGIN IMMEDIATE",
+            "PRAGMA busy_timeout = 0; BEGIN IMMEDIATE",
+            "INSERT INTO events (kind) VALUES (NULL)",
+        ),
+        TestDb::Postgres(_) => (
+            "SELECT COUNT(*) FROM (SELECT pg_advisory_lock(42)) AS held",
+            "SET lock_timeout = '50ms'; SELECT COUNT(*) FROM (SELECT pg_advisory_lock(42)) AS held",
+            "INSERT INTO events (kind) VALUES (NULL)",
+        ),
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(hold))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let busy = sqlx::raw_sql(sqlx::AssertSqlSafe(wait))
+        .execute(&mut waiter)
+        .await
+        .unwrap_err();
+    assert_eq!(classify(busy), (true, false));
+    let refused = sqlx::raw_sql(sqlx::AssertSqlSafe(refused))
+        .execute(&mut holder)
+        .await
+        .unwrap_err();
+    assert_eq!(classify(refused), (false, true));
+    if let TestDb::Postgres(_) = db {
+        // A restart (or an administrator) ends the session: 57P01, or the socket closing.
+        let mut waiter = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut waiter)
+            .await
+            .unwrap();
+        let mut admin = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let ended = sqlx::query("SELECT 1")
+            .execute(&mut waiter)
+            .await
+            .unwrap_err();
+        assert_eq!(classify(ended), (true, false));
+    }
+}
 
 /// Ten delegated credentials refreshing at once (a worker's first poll of ten users' mailboxes):
 /// each holds its lock while it reads and stores its token through the same registry. On

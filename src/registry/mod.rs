@@ -73,20 +73,22 @@ impl RegistryError {
         }
     }
 
-    /// True when the database itself is unreachable or overloaded, not when a statement is wrong.
+    /// True when the database itself is unreachable, overloaded or says "try again" (see
+    /// [`says_try_again`]), not when a statement is wrong.
     pub fn is_transient(&self) -> bool {
         let source = match self {
             RegistryError::Connect { source, .. } | RegistryError::Db { source, .. } => source,
             _ => return false,
         };
-        matches!(
-            source,
+        match source {
             sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Tls(_)
-        )
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(e) => says_try_again(e.code().as_deref()),
+            _ => false,
+        }
     }
 }
 
@@ -338,6 +340,23 @@ async fn lock_file(db: &Path, url: &str) -> Result<std::fs::File, RegistryError>
 /// TOOBIG (18), CONSTRAINT (19) and MISMATCH (20); FULL, BUSY, READONLY, IOERR and the rest are
 /// the database's own trouble. A SQLSTATE always has five characters; SQLite's codes, extended
 /// ones included, have at most four digits.
+/// Database errors that pass by themselves: on PostgreSQL a lost connection (class 08), a
+/// server shutting down or starting up (57P01 to 57P03: a restart), too many connections
+/// (53300), a serialization failure or deadlock (40001, 40P01), a lock not available in time
+/// (55P03); on SQLite a database busy or locked (5 and 6, with their extended codes).
+fn says_try_again(code: Option<&str>) -> bool {
+    let Some(code) = code else { return false };
+    if code.len() == 5 {
+        return code.starts_with("08")
+            || matches!(
+                code,
+                "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03"
+            );
+    }
+    code.parse::<u32>()
+        .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6))
+}
+
 fn refuses_the_data(code: Option<&str>) -> bool {
     let Some(code) = code else { return false };
     if code.len() == 5 {
