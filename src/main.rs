@@ -82,6 +82,9 @@ enum RegistryCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Reads every blob the records refer to and checks its size and SHA-256 (exit 1 on any
+    /// missing, truncated or altered blob, each named with its record).
+    Verify,
     /// Blobs no record refers to (left by a crash before a commit): lists them; deletes them
     /// only with --delete.
     Gc {
@@ -192,6 +195,9 @@ fn main() -> ExitCode {
             Command::Registry {
                 command: RegistryCommand::Failing { limit },
             } => cli::registry::failing(&config, limit).await.map(|()| true),
+            Command::Registry {
+                command: RegistryCommand::Verify,
+            } => cli::registry::verify(&config).await,
             Command::Registry {
                 command:
                     RegistryCommand::Gc {

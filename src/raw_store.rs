@@ -471,6 +471,43 @@ impl RawStore {
         Ok(out)
     }
 
+    /// Reads a blob through (1 MiB at a time, whatever its size) and says whether it is there
+    /// with `size` bytes that still have its digest: the fixity check of `registry verify`.
+    pub fn check(&self, digest: &Sha256Digest, size: u64) -> Result<BlobCheck, StoreError> {
+        use std::io::Read;
+        let path = self.path_of(digest);
+        let err = |source| StoreError {
+            action: "check",
+            path: path.clone(),
+            source,
+        };
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BlobCheck::Missing),
+            Err(e) => return Err(err(e)),
+        };
+        let len = file.metadata().map_err(err)?.len();
+        if len != size {
+            return Ok(BlobCheck::WrongSize(len));
+        }
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1024 * 1024];
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        let found = Sha256Digest(hasher.finalize().into());
+        Ok(if found == *digest {
+            BlobCheck::Intact
+        } else {
+            BlobCheck::Altered(found)
+        })
+    }
+
     /// Reads a blob back and checks that its bytes still have its digest.
     pub fn get_verified(&self, digest: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
         let bytes = self.get(digest)?;
@@ -537,6 +574,17 @@ fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
 #[cfg(not(unix))]
 fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
     true
+}
+
+/// What [`RawStore::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobCheck {
+    Intact,
+    Missing,
+    /// There, with this many bytes instead of the recorded size.
+    WrongSize(u64),
+    /// There, with the recorded size, but its bytes have another digest.
+    Altered(Sha256Digest),
 }
 
 /// What [`RawStore::remove_if_old`] did.

@@ -1182,6 +1182,77 @@ async fn gc_lists_orphaned_blobs_and_deletes_only_when_asked() {
     assert_no_lost_blobs(&bed).await;
 }
 
+/// `registry verify` reads every blob the records refer to: all intact after a run; then a
+/// raw message deleted, an attachment truncated and another raw message altered (a failing
+/// disk, a careless hand) are each reported with their record, and it exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    for (_, raw) in fixtures() {
+        bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
+    }
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let intact = bed.command(&["registry", "verify"], &[]).await;
+    let stdout = String::from_utf8_lossy(&intact.stdout).into_owned();
+    assert!(intact.status.success(), "{}", text(&intact));
+    assert!(stdout.contains(": 0 problem(s)"), "{stdout}");
+
+    let registry = bed.registry().await;
+    let refs = registry.blob_references().await.unwrap();
+    let shared = |sha: &str| refs.iter().filter(|r| r.sha256 == sha).count() > 1;
+    let mut raws = refs
+        .iter()
+        .filter(|r| r.attachment.is_none() && !shared(&r.sha256));
+    let (deleted, altered) = (raws.next().unwrap(), raws.next().unwrap());
+    let truncated = refs
+        .iter()
+        .find(|r| r.attachment.is_some() && !shared(&r.sha256) && r.size > 10)
+        .expect("a fixture with an attachment");
+    let path = |r: &mailintake::registry::BlobReference| {
+        bed.store()
+            .path_of(&Sha256Digest::from_hex(&r.sha256).unwrap())
+    };
+    std::fs::remove_file(path(deleted)).unwrap();
+    let bytes = std::fs::read(path(truncated)).unwrap();
+    std::fs::write(path(truncated), &bytes[..bytes.len() - 10]).unwrap();
+    let mut bytes = std::fs::read(path(altered)).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(path(altered), &bytes).unwrap();
+
+    let damaged = bed.command(&["registry", "verify"], &[]).await;
+    let stdout = String::from_utf8_lossy(&damaged.stdout).into_owned();
+    assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged));
+    assert!(stdout.contains(": 3 problem(s)"), "{stdout}");
+    let line = |r: &mailintake::registry::BlobReference| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&r.sha256))
+            .unwrap_or_else(|| panic!("{} not reported: {stdout}", r.sha256))
+            .to_owned()
+    };
+    for (r, says) in [
+        (deleted, "raw message".to_owned()),
+        (altered, "raw message".to_owned()),
+        (
+            truncated,
+            format!("attachment {}", truncated.attachment.unwrap()),
+        ),
+    ] {
+        let l = line(r);
+        assert!(l.starts_with(r.registry_number.as_deref().unwrap()), "{l}");
+        assert!(l.contains(&says), "{l}");
+    }
+    assert!(line(deleted).ends_with("missing"));
+    assert!(line(truncated).contains(&format!(
+        "{} bytes, the record says {}",
+        truncated.size - 10,
+        truncated.size
+    )));
+    assert!(line(altered).contains("altered: its bytes now have sha256:"));
+}
+
 async fn assert_no_lost_blobs(bed: &Bed) {
     let registry = bed.registry().await;
     for r in registry.list(None, 100).await.unwrap() {

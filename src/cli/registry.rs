@@ -1,12 +1,12 @@
-//! `mailintake registry list | failing | gc`: what has been registered or quarantined, what keeps
-//! failing, and orphaned blobs.
+//! `mailintake registry list | failing | verify | gc`: what has been registered or quarantined,
+//! what keeps failing, whether every stored blob is intact, and orphaned blobs.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::raw_store::{RawStore, Removal};
+use crate::raw_store::{BlobCheck, RawStore, Removal, Sha256Digest};
 use crate::registry::{Registry, Status};
 
 pub async fn list(config: &Config, status: Option<Status>, limit: i64) -> anyhow::Result<()> {
@@ -190,6 +190,67 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
         }
     );
     Ok(())
+}
+
+/// Reads every blob a record refers to (raw messages and attachments, each distinct blob once)
+/// and checks that it is there, with its recorded size and its digest. Prints one line per
+/// problem, naming the record; `Ok(false)` if there was any.
+pub async fn verify(config: &Config) -> anyhow::Result<bool> {
+    let store = RawStore::open(&config.data_dir)
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let registry = Registry::open(&config.database_url).await?;
+    let references = registry.blob_references().await?;
+    registry.close().await;
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        let records: std::collections::HashSet<i64> =
+            references.iter().map(|r| r.message_id).collect();
+        let mut checked: std::collections::HashMap<&str, BlobCheck> = Default::default();
+        let (mut bytes, mut problems) = (0u64, 0usize);
+        for r in &references {
+            let found = match checked.get(r.sha256.as_str()) {
+                Some(found) => *found,
+                None => {
+                    let found = match Sha256Digest::from_hex(&r.sha256) {
+                        Some(digest) => store.check(&digest, r.size)?,
+                        None => BlobCheck::Missing,
+                    };
+                    if found == BlobCheck::Intact {
+                        bytes += r.size;
+                    }
+                    checked.insert(&r.sha256, found);
+                    found
+                }
+            };
+            let problem = match found {
+                BlobCheck::Intact => continue,
+                BlobCheck::Missing => "missing".to_owned(),
+                BlobCheck::WrongSize(len) => format!("{len} bytes, the record says {}", r.size),
+                BlobCheck::Altered(digest) => {
+                    format!("altered: its bytes now have sha256:{}", digest.to_hex())
+                }
+            };
+            problems += 1;
+            let record = match &r.registry_number {
+                Some(number) => number.clone(),
+                None => format!("record {} (quarantined)", r.message_id),
+            };
+            let what = match r.attachment {
+                Some(ordinal) => format!("attachment {ordinal}"),
+                None => "raw message".to_owned(),
+            };
+            println!("{record}  {what}  sha256:{}  {problem}", r.sha256);
+        }
+        println!(
+            "{} blob(s) of {} record(s) checked, {bytes} bytes read in {:.1} s: {problems} problem(s)",
+            checked.len(),
+            records.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(problems == 0)
+    })
+    .await
+    .context("the verification stopped")?
 }
 
 const MAX_CELL: usize = 60;

@@ -19,6 +19,7 @@ mod records;
 mod sync;
 mod tokens;
 
+pub use records::BlobReference;
 pub use tokens::{CredentialLock, TokenRow};
 
 use crate::parse::{Address, Submission};

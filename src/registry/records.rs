@@ -546,6 +546,31 @@ impl Registry {
     }
 
     /// Every blob digest a record refers to (raw messages and attachments), for `registry gc`.
+    /// Every blob the records refer to, with the size it must have, by record: for
+    /// `registry verify`.
+    pub async fn blob_references(&self) -> Result<Vec<BlobReference>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT id, registry_number, -1 AS ordinal, raw_sha256, raw_size FROM messages \
+             UNION ALL \
+             SELECT m.id, m.registry_number, a.ordinal, a.sha256, a.size \
+               FROM attachments a JOIN messages m ON m.id = a.message_id \
+             ORDER BY 1, 3",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("read the blobs records refer to"))?;
+        Ok(rows
+            .iter()
+            .map(|r| BlobReference {
+                message_id: r.get(0),
+                registry_number: r.get(1),
+                attachment: u32::try_from(r.get::<i64, _>(2)).ok(),
+                sha256: r.get(3),
+                size: u64::try_from(r.get::<i64, _>(4)).unwrap_or_default(),
+            })
+            .collect())
+    }
+
     pub async fn referenced_blobs(&self) -> Result<HashSet<String>, RegistryError> {
         let rows =
             sqlx::query("SELECT raw_sha256 FROM messages UNION SELECT sha256 FROM attachments")
@@ -554,4 +579,16 @@ impl Registry {
                 .map_err(RegistryError::db("read referenced blobs"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// A blob a record refers to (see [`Registry::blob_references`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobReference {
+    pub message_id: i64,
+    /// `None` for a quarantine record.
+    pub registry_number: Option<String>,
+    /// The attachment's ordinal; `None` for the raw message.
+    pub attachment: Option<u32>,
+    pub sha256: String,
+    pub size: u64,
 }
