@@ -82,6 +82,15 @@ enum RegistryCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Writes a record's raw message and attachments into a directory, each checked against
+    /// its digest; never overwrites a file.
+    Export {
+        /// The registry number (e.g. REG-2026-000123) or the record id (`registry list`).
+        record: String,
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
     /// Reads every blob the records refer to and checks its size and SHA-256 (exit 1 on any
     /// missing, truncated or altered blob, each named with its record).
     Verify,
@@ -198,6 +207,9 @@ fn main() -> ExitCode {
             Command::Registry {
                 command: RegistryCommand::Verify,
             } => cli::registry::verify(&config).await,
+            Command::Registry {
+                command: RegistryCommand::Export { record, to },
+            } => cli::registry::export(&config, &record, &to).await,
             Command::Registry {
                 command:
                     RegistryCommand::Gc {

@@ -1253,6 +1253,96 @@ async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() 
     assert!(line(altered).contains("altered: its bytes now have sha256:"));
 }
 
+/// `registry export` writes a record's raw message and its attachments, byte for byte what
+/// was registered, under the sender's file names kept inside the directory; it never
+/// overwrites, and an unknown record is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_writes_a_records_message_and_attachments_and_never_overwrites() {
+    let bed = bed_with_apps().await;
+    bed.configure(&[podatelna()]);
+    for (_, raw) in fixtures() {
+        bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
+    }
+    let out = bed.run_once().await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registry = bed.registry().await;
+    let refs = registry.blob_references().await.unwrap();
+    let with_attachments: std::collections::BTreeSet<i64> = refs
+        .iter()
+        .filter(|r| r.attachment.is_some())
+        .map(|r| r.message_id)
+        .collect();
+    assert!(with_attachments.len() >= 2, "{refs:?}");
+    let to = bed.data_dir().join("export");
+    let sha = |path: &std::path::Path| Sha256Digest::of(&std::fs::read(path).unwrap()).to_hex();
+    for id in with_attachments {
+        let files = registry
+            .record_files(&id.to_string())
+            .await
+            .unwrap()
+            .unwrap();
+        let number = files.registry_number.clone().unwrap();
+        let out = bed
+            .command(
+                &["registry", "export", &number, "--to", &to.to_string_lossy()],
+                &[],
+            )
+            .await;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(sha(&to.join(format!("{number}.eml"))), files.raw_sha256);
+        let written: Vec<std::path::PathBuf> = std::fs::read_dir(to.join(&number))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(written.len(), files.attachments.len(), "{written:?}");
+        for a in &files.attachments {
+            let prefix = format!("{:02}-", a.ordinal);
+            let path = written
+                .iter()
+                .find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(&prefix)
+                })
+                .unwrap_or_else(|| panic!("attachment {} not written: {written:?}", a.ordinal));
+            assert_eq!(sha(path), a.sha256, "{}", path.display());
+            if let Some(name) = &a.filename {
+                let name = name.rsplit(['/', '\\']).next().unwrap();
+                assert!(
+                    path.ends_with(format!("{prefix}{name}")),
+                    "{}",
+                    path.display()
+                );
+            }
+        }
+        // Again: nothing is overwritten.
+        let again = bed
+            .command(
+                &["registry", "export", &number, "--to", &to.to_string_lossy()],
+                &[],
+            )
+            .await;
+        assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+        assert!(text(&again).contains("not overwritten"), "{}", text(&again));
+        assert_eq!(sha(&to.join(format!("{number}.eml"))), files.raw_sha256);
+    }
+    let unknown = bed
+        .command(
+            &[
+                "registry",
+                "export",
+                "REG-1999-999999",
+                "--to",
+                &to.to_string_lossy(),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
+    assert!(text(&unknown).contains("no record"), "{}", text(&unknown));
+}
+
 async fn assert_no_lost_blobs(bed: &Bed) {
     let registry = bed.registry().await;
     for r in registry.list(None, 100).await.unwrap() {

@@ -93,7 +93,44 @@ both_backends!(
     ten_credentials_refreshing_at_once_do_not_starve_the_pool,
     fetch_failures_are_counted_apart_from_attempts_and_cleared_by_the_registration,
     a_database_that_says_try_again_is_a_temporary_failure,
+    a_records_files_are_found_by_its_number_or_its_id,
 );
+
+/// `registry export` and `registry verify` read what the records refer to.
+async fn a_records_files_are_found_by_its_number_or_its_id(db: &TestDb) {
+    let r = Registry::open(&db.url()).await.unwrap();
+    let (raw, s) = fixture(1);
+    let Outcome::Registered { id, number } = register(&r, &imap(1), &raw, &s).await else {
+        panic!("not registered");
+    };
+    assert!(!s.attachments.is_empty());
+    let by_number = r.record_files(&number).await.unwrap().unwrap();
+    assert_eq!(
+        r.record_files(&id.to_string()).await.unwrap(),
+        Some(by_number.clone())
+    );
+    assert_eq!(by_number.id, id);
+    assert_eq!(by_number.raw_sha256, Sha256Digest::of(&raw).to_hex());
+    assert_eq!(by_number.raw_size, raw.len() as u64);
+    let registered: Vec<(u32, String, u64)> = s
+        .attachments
+        .iter()
+        .map(|a| (a.ordinal, a.sha256.to_hex(), a.size()))
+        .collect();
+    let found: Vec<(u32, String, u64)> = by_number
+        .attachments
+        .iter()
+        .map(|a| (a.ordinal, a.sha256.clone(), a.size))
+        .collect();
+    assert_eq!(found, registered);
+    assert_eq!(r.record_files("REG-1999-000001").await.unwrap(), None);
+    let refs = r.blob_references().await.unwrap();
+    assert_eq!(refs.len(), 1 + s.attachments.len());
+    assert!(
+        refs.iter()
+            .all(|x| x.message_id == id && x.registry_number.as_deref() == Some(number.as_str()))
+    );
+}
 
 /// The database's own "try again" (a lock another process holds past the wait; on PostgreSQL
 /// also a restart ending the session) is temporary: the scheduler polls again at its next

@@ -1,6 +1,8 @@
-//! `mailintake registry list | failing | verify | gc`: what has been registered or quarantined,
-//! what keeps failing, whether every stored blob is intact, and orphaned blobs.
+//! `mailintake registry list | failing | export | verify | gc`: what has been registered or
+//! quarantined, what keeps failing, a record's files, whether every stored blob is intact, and
+//! orphaned blobs.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -192,6 +194,74 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
     Ok(())
 }
 
+/// Writes a record's raw message (`<number>.eml`) and its attachments (`<number>/<ordinal>-<name>`)
+/// into `to`, each read back and checked against its digest first. Never overwrites a file.
+pub async fn export(config: &Config, record: &str, to: &Path) -> anyhow::Result<bool> {
+    let store = RawStore::open(&config.data_dir)
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let registry = Registry::open(&config.database_url).await?;
+    let files = registry.record_files(record).await?;
+    registry.close().await;
+    let Some(files) = files else {
+        eprintln!(
+            "no record {record:?} (give a registry number or a record id, see `registry list`)"
+        );
+        return Ok(false);
+    };
+    let label = files
+        .registry_number
+        .clone()
+        .unwrap_or_else(|| format!("record-{}", files.id));
+    let write = |path: &Path, sha256: &str| -> anyhow::Result<()> {
+        let digest = Sha256Digest::from_hex(sha256)
+            .with_context(|| format!("the record holds an invalid digest {sha256:?}"))?;
+        let bytes = store
+            .get_verified(&digest)
+            .with_context(|| format!("cannot export {}", path.display()))?;
+        let mut file = std::fs::File::create_new(path)
+            .with_context(|| format!("cannot create {} (it is not overwritten)", path.display()))?;
+        std::io::Write::write_all(&mut file, &bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}  {} bytes", path.display(), bytes.len());
+        Ok(())
+    };
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    write(&to.join(format!("{label}.eml")), &files.raw_sha256)?;
+    if !files.attachments.is_empty() {
+        let dir = to.join(&label);
+        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for a in &files.attachments {
+            let name = a
+                .filename
+                .as_deref()
+                .and_then(safe_file_name)
+                .unwrap_or_else(|| match a.content_type.as_str() {
+                    "message/rfc822" => "attachment.eml".to_owned(),
+                    _ => "attachment".to_owned(),
+                });
+            write(&dir.join(format!("{:02}-{name}", a.ordinal)), &a.sha256)?;
+        }
+    }
+    Ok(true)
+}
+
+/// The last component of a sender's file name, without control characters, characters
+/// Windows refuses, or leading dots, at most 120 characters; `None` if nothing is left.
+fn safe_file_name(name: &str) -> Option<String> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let cleaned: String = base
+        .chars()
+        .map(|c| match c {
+            c if c.is_control() => '_',
+            ':' | '*' | '?' | '"' | '<' | '>' | '|' => '_',
+            c => c,
+        })
+        .collect();
+    let cleaned = cleaned.trim().trim_start_matches('.').trim();
+    (!cleaned.is_empty()).then(|| cleaned.chars().take(120).collect())
+}
+
 /// Reads every blob a record refers to (raw messages and attachments, each distinct blob once)
 /// and checks that it is there, with its recorded size and its digest. Prints one line per
 /// problem, naming the record; `Ok(false)` if there was any.
@@ -307,7 +377,7 @@ pub fn render_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) -
 
 #[cfg(test)]
 mod tests {
-    use super::render_table;
+    use super::{render_table, safe_file_name};
 
     #[test]
     fn columns_align_with_diacritics() {
@@ -319,5 +389,27 @@ mod tests {
         assert_eq!(lines[0], "a   subject");
         assert_eq!(lines[2], "1   Žádost");
         assert_eq!(lines[3], "22  x");
+    }
+
+    #[test]
+    fn a_senders_file_name_cannot_leave_the_export_directory() {
+        let cases = [
+            ("podani.pdf", Some("podani.pdf")),
+            ("../../etc/passwd", Some("passwd")),
+            ("..\\..\\boot.ini", Some("boot.ini")),
+            (
+                "C:\\Users\\x\\Žádost o dotaci.docx",
+                Some("Žádost o dotaci.docx"),
+            ),
+            ("a\u{0}b\nc.txt", Some("a_b_c.txt")),
+            (".bashrc", Some("bashrc")),
+            ("..", None),
+            ("dir/", None),
+            ("  ", None),
+        ];
+        for (name, safe) in cases {
+            assert_eq!(safe_file_name(name).as_deref(), safe, "{name:?}");
+        }
+        assert_eq!(safe_file_name(&"x".repeat(300)).unwrap().len(), 120);
     }
 }

@@ -19,7 +19,7 @@ mod records;
 mod sync;
 mod tokens;
 
-pub use records::BlobReference;
+pub use records::{AttachmentFile, BlobReference, RecordFiles};
 pub use tokens::{CredentialLock, TokenRow};
 
 use crate::parse::{Address, Submission};

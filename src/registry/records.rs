@@ -571,6 +571,46 @@ impl Registry {
             .collect())
     }
 
+    /// A record's blobs by its registry number or its id: for `registry export`.
+    pub async fn record_files(&self, record: &str) -> Result<Option<RecordFiles>, RegistryError> {
+        let Some(row) = sqlx::query(
+            "SELECT id, registry_number, raw_sha256, raw_size FROM messages \
+             WHERE registry_number = $1 OR CAST(id AS TEXT) = $1",
+        )
+        .bind(record)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(RegistryError::db("find the record"))?
+        else {
+            return Ok(None);
+        };
+        let id: i64 = row.get(0);
+        let attachments = sqlx::query(
+            "SELECT ordinal, filename, content_type, sha256, size FROM attachments \
+             WHERE message_id = $1 ORDER BY ordinal",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(RegistryError::db("read the record's attachments"))?
+        .iter()
+        .map(|a| AttachmentFile {
+            ordinal: u32::try_from(a.get::<i64, _>(0)).unwrap_or_default(),
+            filename: a.get(1),
+            content_type: a.get(2),
+            sha256: a.get(3),
+            size: u64::try_from(a.get::<i64, _>(4)).unwrap_or_default(),
+        })
+        .collect();
+        Ok(Some(RecordFiles {
+            id,
+            registry_number: row.get(1),
+            raw_sha256: row.get(2),
+            raw_size: u64::try_from(row.get::<i64, _>(3)).unwrap_or_default(),
+            attachments,
+        }))
+    }
+
     pub async fn referenced_blobs(&self) -> Result<HashSet<String>, RegistryError> {
         let rows =
             sqlx::query("SELECT raw_sha256 FROM messages UNION SELECT sha256 FROM attachments")
@@ -589,6 +629,28 @@ pub struct BlobReference {
     pub registry_number: Option<String>,
     /// The attachment's ordinal; `None` for the raw message.
     pub attachment: Option<u32>,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A record's blobs (see [`Registry::record_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordFiles {
+    pub id: i64,
+    /// `None` for a quarantine record.
+    pub registry_number: Option<String>,
+    pub raw_sha256: String,
+    pub raw_size: u64,
+    pub attachments: Vec<AttachmentFile>,
+}
+
+/// One attachment of a record, as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentFile {
+    pub ordinal: u32,
+    /// As the sender named it; not safe as a path.
+    pub filename: Option<String>,
+    pub content_type: String,
     pub sha256: String,
     pub size: u64,
 }
