@@ -1182,11 +1182,8 @@ async fn gc_lists_orphaned_blobs_and_deletes_only_when_asked() {
     assert_no_lost_blobs(&bed).await;
 }
 
-/// `registry verify` reads every blob the records refer to: all intact after a run; then a
-/// raw message deleted, an attachment truncated and another raw message altered (a failing
-/// disk, a careless hand) are each reported with their record, and it exits 1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() {
+/// A bed whose mailbox held every fixture, after one successful run.
+async fn every_fixture_registered() -> Bed {
     let bed = bed_with_apps().await;
     bed.configure(&[podatelna()]);
     for (_, raw) in fixtures() {
@@ -1194,6 +1191,15 @@ async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() 
     }
     let out = bed.run_once().await;
     assert!(out.status.success(), "{}", text(&out));
+    bed
+}
+
+/// `registry verify` reads every blob the records refer to: all intact after a run; then a
+/// raw message deleted, an attachment truncated and another raw message altered (a failing
+/// disk, a careless hand) are each reported with their record, and it exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() {
+    let bed = every_fixture_registered().await;
     let intact = bed.command(&["registry", "verify"], &[]).await;
     let stdout = String::from_utf8_lossy(&intact.stdout).into_owned();
     assert!(intact.status.success(), "{}", text(&intact));
@@ -1258,13 +1264,7 @@ async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() 
 /// overwrites, and an unknown record is an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_writes_a_records_message_and_attachments_and_never_overwrites() {
-    let bed = bed_with_apps().await;
-    bed.configure(&[podatelna()]);
-    for (_, raw) in fixtures() {
-        bed.dovecot.deliver(PODATELNA, "INBOX", &raw).unwrap();
-    }
-    let out = bed.run_once().await;
-    assert!(out.status.success(), "{}", text(&out));
+    let bed = every_fixture_registered().await;
     let registry = bed.registry().await;
     let refs = registry.blob_references().await.unwrap();
     let with_attachments: std::collections::BTreeSet<i64> = refs
