@@ -126,6 +126,16 @@ async fn a_records_files_are_found_by_its_number_or_its_id(db: &TestDb) {
     assert_eq!(r.record_files("REG-1999-000001").await.unwrap(), None);
     let refs = r.blob_references().await.unwrap();
     assert_eq!(refs.len(), 1 + s.attachments.len());
+    // Paged by record: a second record, one page each.
+    let (raw2, s2) = fixture(0);
+    let Outcome::Registered { id: id2, .. } = register(&r, &imap(2), &raw2, &s2).await else {
+        panic!("not registered");
+    };
+    assert_eq!(r.blob_references_after(0, 1).await.unwrap(), refs);
+    let second = r.blob_references_after(id, 1).await.unwrap();
+    assert_eq!(second.len(), 1 + s2.attachments.len());
+    assert!(second.iter().all(|x| x.message_id == id2));
+    assert_eq!(r.blob_references_after(id2, 1).await.unwrap(), vec![]);
     assert!(
         refs.iter()
             .all(|x| x.message_id == id && x.registry_number.as_deref() == Some(number.as_str()))

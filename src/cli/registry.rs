@@ -262,65 +262,99 @@ fn safe_file_name(name: &str) -> Option<String> {
     (!cleaned.is_empty()).then(|| cleaned.chars().take(120).collect())
 }
 
-/// Reads every blob a record refers to (raw messages and attachments, each distinct blob once)
-/// and checks that it is there, with its recorded size and its digest. Prints one line per
-/// problem, naming the record; `Ok(false)` if there was any.
+/// Reads every blob a record refers to (raw messages and attachments) and checks that it is
+/// there, with its recorded size and its digest, a page of records at a time (a blob several
+/// records of one page share is read once). Prints one line per problem, naming the record;
+/// `Ok(false)` if there was any.
 pub async fn verify(config: &Config) -> anyhow::Result<bool> {
-    let store = RawStore::open(&config.data_dir)
-        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    /// Records per page: their references are held in memory while their blobs are read.
+    const PAGE: i64 = 2_000;
+    let store = std::sync::Arc::new(
+        RawStore::open(&config.data_dir)
+            .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?,
+    );
     let registry = Registry::open(&config.database_url).await?;
-    let references = registry.blob_references().await?;
-    registry.close().await;
     let started = std::time::Instant::now();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-        let records: std::collections::HashSet<i64> =
-            references.iter().map(|r| r.message_id).collect();
-        let mut checked: std::collections::HashMap<&str, BlobCheck> = Default::default();
-        let (mut bytes, mut problems) = (0u64, 0usize);
-        for r in &references {
-            let found = match checked.get(r.sha256.as_str()) {
-                Some(found) => *found,
-                None => {
-                    let found = match Sha256Digest::from_hex(&r.sha256) {
-                        Some(digest) => store.check(&digest, r.size)?,
-                        None => BlobCheck::Missing,
-                    };
-                    if found == BlobCheck::Intact {
-                        bytes += r.size;
-                    }
-                    checked.insert(&r.sha256, found);
-                    found
+    let (mut records, mut blobs, mut bytes, mut problems) = (0usize, 0usize, 0u64, 0usize);
+    let mut after = 0;
+    loop {
+        let page = registry.blob_references_after(after, PAGE).await?;
+        let Some(last) = page.last().map(|r| r.message_id) else {
+            break;
+        };
+        after = last;
+        let store = std::sync::Arc::clone(&store);
+        let checked = tokio::task::spawn_blocking(move || check_page(&store, page))
+            .await
+            .context("the verification stopped")??;
+        records += checked.records;
+        blobs += checked.blobs;
+        bytes += checked.bytes;
+        problems += checked.problems;
+    }
+    registry.close().await;
+    println!(
+        "{blobs} blob(s) of {records} record(s) checked, {bytes} bytes read in {:.1} s: {problems} problem(s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(problems == 0)
+}
+
+/// What one page of `verify` found.
+struct Checked {
+    records: usize,
+    blobs: usize,
+    bytes: u64,
+    problems: usize,
+}
+
+fn check_page(
+    store: &RawStore,
+    page: Vec<crate::registry::BlobReference>,
+) -> anyhow::Result<Checked> {
+    let records: std::collections::HashSet<i64> = page.iter().map(|r| r.message_id).collect();
+    let mut checked: std::collections::HashMap<&str, BlobCheck> = Default::default();
+    let (mut bytes, mut problems) = (0u64, 0usize);
+    for r in &page {
+        let found = match checked.get(r.sha256.as_str()) {
+            Some(found) => *found,
+            None => {
+                let found = match Sha256Digest::from_hex(&r.sha256) {
+                    Some(digest) => store.check(&digest, r.size)?,
+                    None => BlobCheck::Missing,
+                };
+                if found == BlobCheck::Intact {
+                    bytes += r.size;
                 }
-            };
-            let problem = match found {
-                BlobCheck::Intact => continue,
-                BlobCheck::Missing => "missing".to_owned(),
-                BlobCheck::WrongSize(len) => format!("{len} bytes, the record says {}", r.size),
-                BlobCheck::Altered(digest) => {
-                    format!("altered: its bytes now have sha256:{}", digest.to_hex())
-                }
-            };
-            problems += 1;
-            let record = match &r.registry_number {
-                Some(number) => number.clone(),
-                None => format!("record {} (quarantined)", r.message_id),
-            };
-            let what = match r.attachment {
-                Some(ordinal) => format!("attachment {ordinal}"),
-                None => "raw message".to_owned(),
-            };
-            println!("{record}  {what}  sha256:{}  {problem}", r.sha256);
-        }
-        println!(
-            "{} blob(s) of {} record(s) checked, {bytes} bytes read in {:.1} s: {problems} problem(s)",
-            checked.len(),
-            records.len(),
-            started.elapsed().as_secs_f64()
-        );
-        Ok(problems == 0)
+                checked.insert(&r.sha256, found);
+                found
+            }
+        };
+        let problem = match found {
+            BlobCheck::Intact => continue,
+            BlobCheck::Missing => "missing".to_owned(),
+            BlobCheck::WrongSize(len) => format!("{len} bytes, the record says {}", r.size),
+            BlobCheck::Altered(digest) => {
+                format!("altered: its bytes now have sha256:{}", digest.to_hex())
+            }
+        };
+        problems += 1;
+        let record = match &r.registry_number {
+            Some(number) => number.clone(),
+            None => format!("record {} (quarantined)", r.message_id),
+        };
+        let what = match r.attachment {
+            Some(ordinal) => format!("attachment {ordinal}"),
+            None => "raw message".to_owned(),
+        };
+        println!("{record}  {what}  sha256:{}  {problem}", r.sha256);
+    }
+    Ok(Checked {
+        records: records.len(),
+        blobs: checked.len(),
+        bytes,
+        problems,
     })
-    .await
-    .context("the verification stopped")?
 }
 
 const MAX_CELL: usize = 60;

@@ -546,16 +546,30 @@ impl Registry {
     }
 
     /// Every blob digest a record refers to (raw messages and attachments), for `registry gc`.
-    /// Every blob the records refer to, with the size it must have, by record: for
-    /// `registry verify`.
+    /// Every blob the records refer to, with the size it must have, by record.
     pub async fn blob_references(&self) -> Result<Vec<BlobReference>, RegistryError> {
+        self.blob_references_after(0, i64::MAX).await
+    }
+
+    /// The blobs of the (at most `limit`) records after record id `after`, in id order: a
+    /// page of [`Registry::blob_references`], so that `registry verify` holds one page at a
+    /// time however large the registry.
+    pub async fn blob_references_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<BlobReference>, RegistryError> {
         let rows = sqlx::query(
-            "SELECT id, registry_number, -1 AS ordinal, raw_sha256, raw_size FROM messages \
+            "WITH page AS (SELECT id, registry_number, raw_sha256, raw_size FROM messages \
+                           WHERE id > $1 ORDER BY id LIMIT $2) \
+             SELECT id, registry_number, -1 AS ordinal, raw_sha256, raw_size FROM page \
              UNION ALL \
-             SELECT m.id, m.registry_number, a.ordinal, a.sha256, a.size \
-               FROM attachments a JOIN messages m ON m.id = a.message_id \
+             SELECT p.id, p.registry_number, a.ordinal, a.sha256, a.size \
+               FROM attachments a JOIN page p ON p.id = a.message_id \
              ORDER BY 1, 3",
         )
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(RegistryError::db("read the blobs records refer to"))?;
