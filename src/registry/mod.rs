@@ -335,36 +335,54 @@ async fn lock_file(db: &Path, url: &str) -> Result<std::fs::File, RegistryError>
         .map_err(fail)
 }
 
+/// A database error code in its dialect. A SQLSTATE (PostgreSQL) always has five characters;
+/// SQLite's result codes, extended ones included, have at most four digits, and sqlx gives the
+/// extended one, whose low byte is the primary code.
+enum DbCode<'a> {
+    SqlState(&'a str),
+    Sqlite(u32),
+}
+
+impl DbCode<'_> {
+    fn of(code: Option<&str>) -> Option<DbCode<'_>> {
+        let code = code?;
+        if code.len() == 5 {
+            return Some(DbCode::SqlState(code));
+        }
+        code.parse::<u32>()
+            .ok()
+            .map(|extended| DbCode::Sqlite(extended & 0xff))
+    }
+}
+
 /// Whether a database error code says the statement's data was refused. PostgreSQL: SQLSTATE
 /// classes 22 (data exception: invalid encoding, value out of range) and 23 (integrity
-/// constraint). SQLite (sqlx gives the extended result code, whose low byte is the primary one):
-/// TOOBIG (18), CONSTRAINT (19) and MISMATCH (20); FULL, BUSY, READONLY, IOERR and the rest are
-/// the database's own trouble. A SQLSTATE always has five characters; SQLite's codes, extended
-/// ones included, have at most four digits.
+/// constraint). SQLite: TOOBIG (18), CONSTRAINT (19) and MISMATCH (20); FULL, BUSY, READONLY,
+/// IOERR and the rest are the database's own trouble.
+fn refuses_the_data(code: Option<&str>) -> bool {
+    match DbCode::of(code) {
+        Some(DbCode::SqlState(s)) => s.starts_with("22") || s.starts_with("23"),
+        Some(DbCode::Sqlite(primary)) => matches!(primary, 18..=20),
+        None => false,
+    }
+}
+
 /// Database errors that pass by themselves: on PostgreSQL a lost connection (class 08), a
 /// server shutting down or starting up (57P01 to 57P03: a restart), too many connections
 /// (53300), a serialization failure or deadlock (40001, 40P01), a lock not available in time
 /// (55P03); on SQLite a database busy or locked (5 and 6, with their extended codes).
 fn says_try_again(code: Option<&str>) -> bool {
-    let Some(code) = code else { return false };
-    if code.len() == 5 {
-        return code.starts_with("08")
-            || matches!(
-                code,
-                "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03"
-            );
+    match DbCode::of(code) {
+        Some(DbCode::SqlState(s)) => {
+            s.starts_with("08")
+                || matches!(
+                    s,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03"
+                )
+        }
+        Some(DbCode::Sqlite(primary)) => matches!(primary, 5 | 6),
+        None => false,
     }
-    code.parse::<u32>()
-        .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6))
-}
-
-fn refuses_the_data(code: Option<&str>) -> bool {
-    let Some(code) = code else { return false };
-    if code.len() == 5 {
-        return code.starts_with("22") || code.starts_with("23");
-    }
-    code.parse::<u32>()
-        .is_ok_and(|extended| matches!(extended & 0xff, 18..=20))
 }
 
 /// The URL with any password replaced, for messages: every query parameter whose name holds
