@@ -119,8 +119,7 @@ fn short_time(rfc3339: &str) -> String {
 /// durable write and the commit. Harmless, but they take space. Blobs younger than `min_age`
 /// are never touched: a worker may be about to commit them.
 pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Result<()> {
-    let store = RawStore::open(&config.data_dir)
-        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let store = super::open_store(config)?;
     let registry = Registry::open(&config.database_url).await?;
     // Blobs first, references second: a blob listed here whose record commits meanwhile is in
     // the references read after it. A worker that reuses a stored blob makes it young first
@@ -197,8 +196,7 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
 /// Writes a record's raw message (`<number>.eml`) and its attachments (`<number>/<ordinal>-<name>`)
 /// into `to`, each read back and checked against its digest first. Never overwrites a file.
 pub async fn export(config: &Config, record: &str, to: &Path) -> anyhow::Result<bool> {
-    let store = RawStore::open(&config.data_dir)
-        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let store = super::open_store(config)?;
     let registry = Registry::open(&config.database_url).await?;
     let files = registry.record_files(record).await?;
     registry.close().await;
@@ -269,10 +267,7 @@ fn safe_file_name(name: &str) -> Option<String> {
 pub async fn verify(config: &Config) -> anyhow::Result<bool> {
     /// Records per page: their references are held in memory while their blobs are read.
     const PAGE: i64 = 2_000;
-    let store = std::sync::Arc::new(
-        RawStore::open(&config.data_dir)
-            .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?,
-    );
+    let store = std::sync::Arc::new(super::open_store(config)?);
     let registry = Registry::open(&config.database_url).await?;
     let started = std::time::Instant::now();
     let (mut records, mut blobs, mut bytes, mut problems) = (0usize, 0usize, 0u64, 0usize);

@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::pipeline::Pipeline;
 use crate::poll::Context;
-use crate::raw_store::RawStore;
 use crate::registry::Registry;
 use crate::scheduler;
 
@@ -17,8 +15,7 @@ pub async fn context(config: Config) -> anyhow::Result<Context> {
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration");
     }
-    let store = RawStore::open(&config.data_dir)
-        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    let store = super::open_store(&config)?;
     let registry = Registry::open(&config.database_url)
         .await?
         .with_numbering(config.numbering.clone());
