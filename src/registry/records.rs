@@ -587,15 +587,24 @@ impl Registry {
 
     /// A record's blobs by its registry number or its id: for `registry export`.
     pub async fn record_files(&self, record: &str) -> Result<Option<RecordFiles>, RegistryError> {
-        let Some(row) = sqlx::query(
-            "SELECT id, registry_number, raw_sha256, raw_size FROM messages \
-             WHERE registry_number = $1 OR CAST(id AS TEXT) = $1",
-        )
+        // Each by its own index (an OR of the two would scan the table): the registry number
+        // first, then, for a number, the id.
+        const COLUMNS: &str = "SELECT id, registry_number, raw_sha256, raw_size FROM messages";
+        let mut row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COLUMNS} WHERE registry_number = $1"
+        )))
         .bind(record)
         .fetch_optional(&self.pool)
         .await
-        .map_err(RegistryError::db("find the record"))?
-        else {
+        .map_err(RegistryError::db("find the record"))?;
+        if let (None, Ok(id)) = (&row, record.parse::<i64>()) {
+            row = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE id = $1")))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(RegistryError::db("find the record"))?;
+        }
+        let Some(row) = row else {
             return Ok(None);
         };
         let id: i64 = row.get(0);
