@@ -1226,11 +1226,33 @@ async fn verify_names_every_missing_truncated_or_altered_blob_with_its_record() 
     let mut bytes = std::fs::read(path(altered)).unwrap();
     bytes[0] ^= 0x20;
     std::fs::write(path(altered), &bytes).unwrap();
+    // A damaged row: an attachment's digest that is not one.
+    let garbled = refs
+        .iter()
+        .find(|r| r.attachment.is_some() && !shared(&r.sha256) && r.sha256 != truncated.sha256)
+        .expect("a second fixture attachment");
+    use sqlx::Connection as _;
+    let mut db = sqlx::AnyConnection::connect(&bed.database_url())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE attachments SET sha256 = 'not-a-digest' WHERE sha256 = $1")
+        .bind(&garbled.sha256)
+        .execute(&mut db)
+        .await
+        .unwrap();
 
     let damaged = bed.command(&["registry", "verify"], &[]).await;
     let stdout = String::from_utf8_lossy(&damaged.stdout).into_owned();
     assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged));
-    assert!(stdout.contains(": 3 problem(s)"), "{stdout}");
+    assert!(stdout.contains(": 4 problem(s)"), "{stdout}");
+    let garbled_line = stdout
+        .lines()
+        .find(|l| l.contains("sha256:not-a-digest"))
+        .unwrap_or_else(|| panic!("the damaged digest is not reported: {stdout}"));
+    assert!(
+        garbled_line.ends_with("the registry's digest is not a SHA-256 digest (64 hex digits)"),
+        "{garbled_line}"
+    );
     let line = |r: &mailintake::registry::BlobReference| {
         stdout
             .lines()

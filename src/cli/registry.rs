@@ -308,17 +308,18 @@ fn check_page(
     page: Vec<crate::registry::BlobReference>,
 ) -> anyhow::Result<Checked> {
     let records: std::collections::HashSet<i64> = page.iter().map(|r| r.message_id).collect();
-    let mut checked: std::collections::HashMap<&str, BlobCheck> = Default::default();
+    // None: the digest in the database is not one (a damaged row), so no blob can be looked up.
+    let mut checked: std::collections::HashMap<&str, Option<BlobCheck>> = Default::default();
     let (mut bytes, mut problems) = (0u64, 0usize);
     for r in &page {
         let found = match checked.get(r.sha256.as_str()) {
             Some(found) => *found,
             None => {
                 let found = match Sha256Digest::from_hex(&r.sha256) {
-                    Some(digest) => store.check(&digest, r.size)?,
-                    None => BlobCheck::Missing,
+                    Some(digest) => Some(store.check(&digest, r.size)?),
+                    None => None,
                 };
-                if found == BlobCheck::Intact {
+                if found == Some(BlobCheck::Intact) {
                     bytes += r.size;
                 }
                 checked.insert(&r.sha256, found);
@@ -326,10 +327,13 @@ fn check_page(
             }
         };
         let problem = match found {
-            BlobCheck::Intact => continue,
-            BlobCheck::Missing => "missing".to_owned(),
-            BlobCheck::WrongSize(len) => format!("{len} bytes, the record says {}", r.size),
-            BlobCheck::Altered(digest) => {
+            Some(BlobCheck::Intact) => continue,
+            None => "the registry's digest is not a SHA-256 digest (64 hex digits)".to_owned(),
+            Some(BlobCheck::Missing) => "missing".to_owned(),
+            Some(BlobCheck::WrongSize(len)) => {
+                format!("{len} bytes, the record says {}", r.size)
+            }
+            Some(BlobCheck::Altered(digest)) => {
                 format!("altered: its bytes now have sha256:{}", digest.to_hex())
             }
         };
