@@ -1363,6 +1363,42 @@ async fn export_writes_a_records_message_and_attachments_and_never_overwrites() 
         .await;
     assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
     assert!(text(&unknown).contains("no record"), "{}", text(&unknown));
+
+    // A raw message altered on disk is refused, and no file of it is left in the directory.
+    let first = refs
+        .iter()
+        .find(|r| r.attachment.is_none() && r.registry_number.is_some())
+        .expect("a registered raw message");
+    let number = first.registry_number.clone().unwrap();
+    let blob = bed
+        .store()
+        .path_of(&Sha256Digest::from_hex(&first.sha256).unwrap());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&blob, &bytes).unwrap();
+    let elsewhere = bed.data_dir().join("export-altered");
+    let refused = bed
+        .command(
+            &[
+                "registry",
+                "export",
+                &number,
+                "--to",
+                &elsewhere.to_string_lossy(),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("now have SHA-256"),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        !elsewhere.join(format!("{number}.eml")).exists(),
+        "an altered message was left exported"
+    );
 }
 
 async fn assert_no_lost_blobs(bed: &Bed) {

@@ -194,7 +194,8 @@ pub async fn gc(config: &Config, delete: bool, min_age: Duration) -> anyhow::Res
 }
 
 /// Writes a record's raw message (`<number>.eml`) and its attachments (`<number>/<ordinal>-<name>`)
-/// into `to`, each read back and checked against its digest first. Never overwrites a file.
+/// into `to`, each checked against its digest as it is copied (a file that does not match is
+/// removed) and flushed. Never overwrites a file; memory stays at one buffer per file.
 pub async fn export(config: &Config, record: &str, to: &Path) -> anyhow::Result<bool> {
     let store = super::open_store(config)?;
     let registry = Registry::open(&config.database_url).await?;
@@ -213,15 +214,27 @@ pub async fn export(config: &Config, record: &str, to: &Path) -> anyhow::Result<
     let write = |path: &Path, sha256: &str| -> anyhow::Result<()> {
         let digest = Sha256Digest::from_hex(sha256)
             .with_context(|| format!("the record holds an invalid digest {sha256:?}"))?;
-        let bytes = store
-            .get_verified(&digest)
-            .with_context(|| format!("cannot export {}", path.display()))?;
         let mut file = std::fs::File::create_new(path)
             .with_context(|| format!("cannot create {} (it is not overwritten)", path.display()))?;
-        std::io::Write::write_all(&mut file, &bytes)
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("{}  {} bytes", path.display(), bytes.len());
+        // Copied a MiB at a time and checked against its digest on the way; a copy that fails
+        // or does not match is removed, so a file that stays is the registered bytes.
+        let copied = store
+            .copy_verified(&digest, &mut file)
+            .with_context(|| format!("cannot export {}", path.display()))
+            .and_then(|len| {
+                file.sync_all()
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Ok(len)
+            });
+        let len = match copied {
+            Ok(len) => len,
+            Err(e) => {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        println!("{}  {len} bytes", path.display());
         Ok(())
     };
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
