@@ -474,7 +474,6 @@ impl RawStore {
     /// Reads a blob through (1 MiB at a time, whatever its size) and says whether it is there
     /// with `size` bytes that still have its digest: the fixity check of `registry verify`.
     pub fn check(&self, digest: &Sha256Digest, size: u64) -> Result<BlobCheck, StoreError> {
-        use std::io::Read;
         let path = self.path_of(digest);
         let err = |source| StoreError {
             action: "check",
@@ -490,17 +489,7 @@ impl RawStore {
         if len != size {
             return Ok(BlobCheck::WrongSize(len));
         }
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1024 * 1024];
-        loop {
-            match file.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(&buffer[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(err(e)),
-            }
-        }
-        let found = Sha256Digest(hasher.finalize().into());
+        let found = hash_through(&mut file, err, |_| Ok(()))?;
         Ok(if found == *digest {
             BlobCheck::Intact
         } else {
@@ -513,16 +502,21 @@ impl RawStore {
         let bytes = self.get(digest)?;
         let found = Sha256Digest::of(&bytes);
         if found != *digest {
-            return Err(StoreError {
-                action: "verify",
-                path: self.path_of(digest),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("its bytes now have SHA-256 {found}"),
-                ),
-            });
+            return Err(self.altered(digest, found));
         }
         Ok(bytes)
+    }
+
+    /// The error of a blob whose bytes now have the digest `found`.
+    fn altered(&self, digest: &Sha256Digest, found: Sha256Digest) -> StoreError {
+        StoreError {
+            action: "verify",
+            path: self.path_of(digest),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("its bytes now have SHA-256 {found}"),
+            ),
+        }
     }
 
     /// Copies a blob into `out` a MiB at a time, hashing it on the way, and returns its length.
@@ -533,7 +527,6 @@ impl RawStore {
         digest: &Sha256Digest,
         out: &mut impl io::Write,
     ) -> Result<u64, StoreError> {
-        use std::io::Read;
         let path = self.path_of(digest);
         let err = |action, source| StoreError {
             action,
@@ -541,29 +534,18 @@ impl RawStore {
             source,
         };
         let mut file = File::open(&path).map_err(|e| err("read", e))?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1024 * 1024];
         let mut len = 0u64;
-        loop {
-            let n = match file.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(err("read", e)),
-            };
-            hasher.update(&buffer[..n]);
-            out.write_all(&buffer[..n]).map_err(|e| err("copy", e))?;
-            len += n as u64;
-        }
-        let found = Sha256Digest(hasher.finalize().into());
+        let found = hash_through(
+            &mut file,
+            |e| err("read", e),
+            |piece| {
+                out.write_all(piece).map_err(|e| err("copy", e))?;
+                len += piece.len() as u64;
+                Ok(())
+            },
+        )?;
         if found != *digest {
-            return Err(err(
-                "verify",
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("its bytes now have SHA-256 {found}"),
-                ),
-            ));
+            return Err(self.altered(digest, found));
         }
         Ok(len)
     }
@@ -617,6 +599,29 @@ fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
 #[cfg(not(unix))]
 fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
     true
+}
+
+/// Reads `file` to its end a MiB at a time, hands each piece to `each`, and returns the SHA-256
+/// of what was read; a read error goes through `read_error`, and `each`'s error stops it.
+fn hash_through<E>(
+    file: &mut File,
+    read_error: impl Fn(io::Error) -> E,
+    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<Sha256Digest, E> {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1024 * 1024];
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        };
+        hasher.update(&buffer[..n]);
+        each(&buffer[..n])?;
+    }
+    Ok(Sha256Digest(hasher.finalize().into()))
 }
 
 /// What [`RawStore::check`] found.
