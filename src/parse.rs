@@ -3,15 +3,23 @@
 //! Every attachment is kept, including the forwarded message itself (a `message/rfc822` part)
 //! and the attachments inside it, with its decoded bytes and their SHA-256. Attachment bytes are
 //! the transfer-decoded bytes of the part as sent (a text attachment keeps its own charset).
+//!
+//! A large base64 binary attachment (a 25 MB PDF) is never held whole: the parser hands its
+//! decoded bytes over a MiB at a time ([`AttachmentSink::piece`]), as it decodes them.
 
 use mail_parser::decoders::base64::base64_decode;
 use mail_parser::decoders::quoted_printable::quoted_printable_decode;
 use mail_parser::{Encoding, Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use sha2::{Digest, Sha256};
 
 use crate::raw_store::Sha256Digest;
 
 /// Nested `message/rfc822` deeper than this is kept only as the outer attachment's bytes.
 const MAX_NESTING: usize = 16;
+
+/// A base64 binary attachment whose decoded bytes reach this size goes to the sink in pieces
+/// of about this size, instead of being decoded whole first.
+pub const PIECE_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Address {
@@ -48,18 +56,85 @@ impl Attachment {
 
 /// Where attachment bytes go while parsing: each attachment is handed over once, borrowed,
 /// so a 25 MB PDF is not copied into the `Submission` (which keeps only its metadata).
+///
+/// A large base64 binary attachment comes in pieces instead, one attachment at a time: `piece`
+/// after `piece`, then `end`, which returns its SHA-256 and size (the sink hashes what it
+/// writes, so the bytes are read once), or `abandon` when the part turned out not to be
+/// base64 after all (it is then handed over whole, as text, like any such part).
 pub trait AttachmentSink {
     type Error;
     fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), Self::Error>;
+    /// The next piece of the current large attachment; the first one starts it.
+    fn piece(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// The current large attachment is complete: its SHA-256 and size.
+    fn end(&mut self) -> Result<(Sha256Digest, u64), Self::Error>;
+    /// Forgets the current large attachment's pieces.
+    fn abandon(&mut self);
 }
 
-/// Discards the bytes (parsing for metadata only).
-pub struct Discard;
+/// Discards the bytes (parsing for metadata only); large attachments are only hashed.
+#[derive(Default)]
+pub struct Discard {
+    large: Option<(Sha256, u64)>,
+}
 
 impl AttachmentSink for Discard {
     type Error = std::convert::Infallible;
     fn attachment(&mut self, _: &[u8], _: Sha256Digest) -> Result<(), Self::Error> {
         Ok(())
+    }
+    fn piece(&mut self, bytes: &[u8]) -> Result<(), Self::Error> {
+        let (hasher, len) = self.large.get_or_insert_with(Default::default);
+        hasher.update(bytes);
+        *len += bytes.len() as u64;
+        Ok(())
+    }
+    fn end(&mut self) -> Result<(Sha256Digest, u64), Self::Error> {
+        let (hasher, len) = self.large.take().unwrap_or_default();
+        Ok((Sha256Digest(hasher.finalize().into()), len))
+    }
+    fn abandon(&mut self) {
+        self.large = None;
+    }
+}
+
+/// What the parser sees of a sink: large parts' pieces, with the sink's first error kept (the
+/// parser cannot be stopped; later pieces are dropped and the parse fails with that error).
+struct LargeParts<'s, S: AttachmentSink> {
+    sink: &'s mut S,
+    /// Digest and size of each large attachment, by the id the parser stores in its part.
+    ended: Vec<(Sha256Digest, u64)>,
+    error: Option<S::Error>,
+}
+
+impl<S: AttachmentSink> mail_parser::LargePartSink for LargeParts<'_, S> {
+    fn piece(&mut self, bytes: &[u8]) {
+        if self.error.is_none()
+            && let Err(e) = self.sink.piece(bytes)
+        {
+            self.error = Some(e);
+        }
+    }
+
+    fn end(&mut self) -> u32 {
+        let id = self.ended.len() as u32;
+        if self.error.is_some() {
+            self.sink.abandon();
+            self.ended.push((Sha256Digest([0; 32]), 0));
+            return id;
+        }
+        match self.sink.end() {
+            Ok(ended) => self.ended.push(ended),
+            Err(e) => {
+                self.error = Some(e);
+                self.ended.push((Sha256Digest([0; 32]), 0));
+            }
+        }
+        id
+    }
+
+    fn abandon(&mut self) {
+        self.sink.abandon();
     }
 }
 
@@ -113,7 +188,7 @@ impl ParseError {
 
 /// Parses raw RFC 5322 bytes. Never panics on any input.
 pub fn parse(raw: &[u8], raw_sha256: &Sha256Digest) -> Result<Submission, ParseError> {
-    parse_into(raw, raw_sha256, &mut Discard).map_err(|e| match e {
+    parse_into(raw, raw_sha256, &mut Discard::default()).map_err(|e| match e {
         ParseWithSinkError::Parse(p) => p,
         ParseWithSinkError::Sink(never) => match never {},
     })
@@ -125,19 +200,34 @@ pub fn parse_into<S: AttachmentSink>(
     raw_sha256: &Sha256Digest,
     sink: &mut S,
 ) -> Result<Submission, ParseWithSinkError<S::Error>> {
-    parse_message(raw, raw_sha256, sink)
+    parse_message(raw, raw_sha256, sink, PIECE_BYTES)
 }
 
 fn parse_message<S: AttachmentSink>(
     raw: &[u8],
     raw_sha256: &Sha256Digest,
     sink: &mut S,
+    piece_bytes: usize,
 ) -> Result<Submission, ParseWithSinkError<S::Error>> {
     use ParseWithSinkError::Parse as P;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(P(ParseError::Empty));
     }
-    let parsed = std::panic::catch_unwind(|| MessageParser::default().parse(raw));
+    let mut large = LargeParts {
+        sink,
+        ended: Vec::new(),
+        error: None,
+    };
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        MessageParser::default().parse_streaming(raw, piece_bytes, &mut large)
+    }));
+    if parsed.is_err() || large.error.is_some() {
+        // A large attachment may have been cut off by the panic or left after the error.
+        large.sink.abandon();
+    }
+    if let Some(e) = large.error.take() {
+        return Err(ParseWithSinkError::Sink(e));
+    }
     let message = match parsed {
         Ok(Some(m)) => m,
         Ok(None) => return Err(P(ParseError::NoHeaders)),
@@ -146,6 +236,7 @@ fn parse_message<S: AttachmentSink>(
     if message.headers().is_empty() {
         return Err(P(ParseError::NoHeaders));
     }
+    let LargeParts { sink, ended, .. } = large;
 
     let (message_id, message_id_derived) = match message.message_id().map(str::trim) {
         Some(id) if !id.is_empty() => (id.to_owned(), false),
@@ -153,8 +244,7 @@ fn parse_message<S: AttachmentSink>(
     };
 
     let mut attachments = Vec::new();
-    collect_attachments(&message, None, 0, &mut attachments, sink)
-        .map_err(ParseWithSinkError::Sink)?;
+    collect_attachments(&message, None, 0, &mut attachments, sink, &ended)?;
 
     Ok(Submission {
         message_id,
@@ -262,7 +352,8 @@ fn collect_attachments<S: AttachmentSink>(
     depth: usize,
     out: &mut Vec<Attachment>,
     sink: &mut S,
-) -> Result<(), S::Error> {
+    ended: &[(Sha256Digest, u64)],
+) -> Result<(), ParseWithSinkError<S::Error>> {
     for part in message.attachments() {
         let ordinal = out.len() as u32;
         let filename = part
@@ -271,6 +362,23 @@ fn collect_attachments<S: AttachmentSink>(
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
         let content_type = content_type_of(part);
+        if let Some(id) = part.streamed {
+            // Already in the sink, piece by piece, while the parser decoded it.
+            let Some(&(sha256, size)) = ended.get(id as usize) else {
+                return Err(ParseWithSinkError::Parse(ParseError::ParserPanicked(
+                    format!("large part {id} was not handed over"),
+                )));
+            };
+            out.push(Attachment {
+                ordinal,
+                parent,
+                filename,
+                content_type,
+                sha256,
+                size,
+            });
+            continue;
+        }
         let (bytes, nested): (std::borrow::Cow<'_, [u8]>, _) = match &part.body {
             PartType::Binary(b) | PartType::InlineBinary(b) => {
                 (std::borrow::Cow::Borrowed(b.as_ref()), None)
@@ -282,7 +390,8 @@ fn collect_attachments<S: AttachmentSink>(
             PartType::Multipart(_) => continue,
         };
         let sha256 = Sha256Digest::of(&bytes);
-        sink.attachment(&bytes, sha256)?;
+        sink.attachment(&bytes, sha256)
+            .map_err(ParseWithSinkError::Sink)?;
         out.push(Attachment {
             ordinal,
             parent,
@@ -294,7 +403,7 @@ fn collect_attachments<S: AttachmentSink>(
         if let Some(inner) = nested
             && depth < MAX_NESTING
         {
-            collect_attachments(inner, Some(ordinal), depth + 1, out, sink)?;
+            collect_attachments(inner, Some(ordinal), depth + 1, out, sink, ended)?;
         }
     }
     Ok(())
@@ -322,6 +431,171 @@ mod tests {
         assert!(a.message_id_derived);
         assert_eq!(a.message_id, b.message_id);
         assert!(a.message_id.ends_with("@derived.mailintake.invalid"));
+    }
+
+    /// Deterministic bytes that do not compress into anything base64 treats specially.
+    fn payload(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn base64_lines(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        let one = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let lines: Vec<&str> = one
+            .as_bytes()
+            .chunks(76)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        lines.join("\r\n")
+    }
+
+    /// Records what a sink is given.
+    #[derive(Default)]
+    struct Recorder {
+        whole: Vec<Vec<u8>>,
+        pieces: Vec<usize>,
+        current: Vec<u8>,
+        ended: Vec<Vec<u8>>,
+        abandoned: usize,
+    }
+
+    impl AttachmentSink for Recorder {
+        type Error = std::convert::Infallible;
+        fn attachment(&mut self, bytes: &[u8], _: Sha256Digest) -> Result<(), Self::Error> {
+            self.whole.push(bytes.to_vec());
+            Ok(())
+        }
+        fn piece(&mut self, bytes: &[u8]) -> Result<(), Self::Error> {
+            self.pieces.push(bytes.len());
+            self.current.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn end(&mut self) -> Result<(Sha256Digest, u64), Self::Error> {
+            let bytes = std::mem::take(&mut self.current);
+            let ended = (Sha256Digest::of(&bytes), bytes.len() as u64);
+            self.ended.push(bytes);
+            Ok(ended)
+        }
+        fn abandon(&mut self) {
+            self.abandoned += 1;
+            self.current.clear();
+        }
+    }
+
+    /// A submission with a 3.3 MB PDF and a forwarded message holding a 1.5 MB one.
+    fn with_large_attachments(outer: &[u8], inner: &[u8]) -> Vec<u8> {
+        with_encoded(&base64_lines(outer), &base64_lines(inner))
+    }
+
+    fn with_encoded(outer: &str, inner: &str) -> Vec<u8> {
+        format!(
+            "From: a@example.cz\r\nMessage-ID: <large@x>\r\nSubject: podani\r\n\
+MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+Content-Type: text/plain\r\n\r\nbody\r\n--b\r\nContent-Type: application/pdf\r\n\
+Content-Disposition: attachment; filename=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+{}\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: c@example.cz\r\n\
+Message-ID: <inner@x>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n\
+--c\r\nContent-Type: text/plain\r\n\r\nforwarded\r\n--c\r\nContent-Type: application/pdf\r\n\
+Content-Disposition: attachment; filename=b.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+{}\r\n--c--\r\n\r\n--b--\r\n",
+            outer, inner
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_large_attachment_goes_to_the_sink_in_pieces_with_the_digest_of_its_bytes() {
+        let (outer, inner) = (payload(3_300_000, 1), payload(1_500_000, 2));
+        let raw = with_large_attachments(&outer, &inner);
+        let digest = Sha256Digest::of(&raw);
+        let mut sink = Recorder::default();
+        let s = parse_into(&raw, &digest, &mut sink).unwrap();
+
+        // The two PDFs came in pieces of about a MiB, never whole.
+        assert_eq!(sink.ended, vec![outer.clone(), inner.clone()]);
+        assert!(sink.pieces.len() >= 5, "{:?}", sink.pieces);
+        let most = PIECE_BYTES + 48 * 1024;
+        assert!(
+            sink.pieces.iter().all(|&n| n > 0 && n <= most),
+            "{:?}",
+            sink.pieces
+        );
+        assert_eq!(sink.abandoned, 0);
+        // Only the forwarded message (whose bytes are the raw message's) came whole.
+        assert_eq!(sink.whole.len(), 1);
+        assert!(sink.whole[0].starts_with(b"From: c@example.cz"));
+
+        let kinds: Vec<_> = s
+            .attachments
+            .iter()
+            .map(|a| {
+                (
+                    a.ordinal,
+                    a.parent,
+                    a.filename.as_deref(),
+                    a.content_type.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, None, Some("a.pdf"), "application/pdf"),
+                (1, None, None, "message/rfc822"),
+                (2, Some(1), Some("b.pdf"), "application/pdf"),
+            ]
+        );
+        assert_eq!(s.attachments[0].sha256, Sha256Digest::of(&outer));
+        assert_eq!(s.attachments[0].size(), outer.len() as u64);
+        assert_eq!(s.attachments[2].sha256, Sha256Digest::of(&inner));
+        assert_eq!(s.attachments[2].size(), inner.len() as u64);
+
+        // The same submission as when nothing goes in pieces, and as for a discarding sink.
+        let mut whole = Recorder::default();
+        let w = parse_message(&raw, &digest, &mut whole, usize::MAX).unwrap();
+        assert!(whole.pieces.is_empty());
+        assert_eq!(whole.whole.len(), 3);
+        let plain = parse(&raw, &digest).unwrap();
+        for other in [&w, &plain] {
+            let a: Vec<_> = other
+                .attachments
+                .iter()
+                .map(|a| (a.sha256, a.size()))
+                .collect();
+            let b: Vec<_> = s.attachments.iter().map(|a| (a.sha256, a.size())).collect();
+            assert_eq!(a, b);
+            assert_eq!(other.text_body, s.text_body);
+        }
+    }
+
+    #[test]
+    fn a_large_part_that_is_not_base64_after_all_is_abandoned_and_kept_as_text() {
+        let outer = payload(2_500_000, 3);
+        let mut encoded = base64_lines(&outer);
+        // An invalid byte after two MiB of good lines: upstream keeps the part's raw text.
+        let at = encoded.len() - 1000;
+        encoded.replace_range(at..at + 1, "!");
+        let raw = with_encoded(&encoded, &base64_lines(b"small"));
+        let digest = Sha256Digest::of(&raw);
+        let mut sink = Recorder::default();
+        let s = parse_into(&raw, &digest, &mut sink).unwrap();
+        assert_eq!(sink.abandoned, 1);
+        assert!(!sink.pieces.is_empty());
+        let w = parse_message(&raw, &digest, &mut Recorder::default(), usize::MAX).unwrap();
+        let a: Vec<_> = w.attachments.iter().map(|a| (a.sha256, a.size())).collect();
+        let b: Vec<_> = s.attachments.iter().map(|a| (a.sha256, a.size())).collect();
+        assert_eq!(a, b);
+        // Kept: the part's raw text, as sent.
+        assert_eq!(s.attachments[0].content_type, "application/pdf");
+        assert!(s.attachments[0].size() >= encoded.len() as u64);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::failpoint;
 use crate::parse::{self, ParseError, Submission};
-use crate::raw_store::{RawStore, Sha256Digest, Staged, StoreError};
+use crate::raw_store::{BlobWriter, RawStore, Sha256Digest, Staged, StoreError};
 use crate::registry::{Content, NewRecord, Origin, Outcome, Registry, RegistryError, now};
 
 /// Where a message comes from and what should happen to it on the server afterwards.
@@ -98,9 +98,19 @@ enum Prepared {
 struct BlobSink<'a> {
     store: &'a RawStore,
     staged: Option<&'a mut Staged>,
+    /// The large attachment being written piece by piece, if any.
+    large: Option<BlobWriter>,
 }
 
-impl BlobSink<'_> {
+impl<'a> BlobSink<'a> {
+    fn new(store: &'a RawStore, staged: Option<&'a mut Staged>) -> Self {
+        BlobSink {
+            store,
+            staged,
+            large: None,
+        }
+    }
+
     fn put(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
         match self.staged.as_deref_mut() {
             Some(staged) => self.store.stage(bytes, sha256, staged),
@@ -113,6 +123,31 @@ impl parse::AttachmentSink for BlobSink<'_> {
     type Error = StoreError;
     fn attachment(&mut self, bytes: &[u8], sha256: Sha256Digest) -> Result<(), StoreError> {
         self.put(bytes, sha256)
+    }
+
+    fn piece(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let writer = match &mut self.large {
+            Some(writer) => writer,
+            None => self.large.insert(self.store.writer()?),
+        };
+        writer.write(bytes)
+    }
+
+    fn end(&mut self) -> Result<(Sha256Digest, u64), StoreError> {
+        let writer = match self.large.take() {
+            Some(writer) => writer,
+            // No piece came (the parser never ends an empty part): an empty blob.
+            None => self.store.writer()?,
+        };
+        match self.staged.as_deref_mut() {
+            Some(staged) => writer.stage(staged),
+            None => writer.finish(),
+        }
+    }
+
+    fn abandon(&mut self) {
+        // Dropping the writer removes its temp file.
+        self.large = None;
     }
 }
 
@@ -241,10 +276,7 @@ async fn prepare_counted(
     let store = Arc::clone(&p.store);
     let raw_size = raw.len() as u64;
     let job = tokio::task::spawn_blocking(move || {
-        let mut sink = BlobSink {
-            store: &store,
-            staged: None,
-        };
+        let mut sink = BlobSink::new(&store, None);
         prepare_blocking(&mut sink, &raw, limits, poison)
     });
     let (digest, stored_at, prepared) = settled(p, source, attempt, job.await).await?;
@@ -352,10 +384,7 @@ pub async fn prepare_staged(
         for (raw, source) in messages {
             let fetched_at = source.fetched_at.clone().unwrap_or_else(now);
             let raw_size = raw.len() as u64;
-            let mut sink = BlobSink {
-                store: &store,
-                staged: Some(&mut staged),
-            };
+            let mut sink = BlobSink::new(&store, Some(&mut staged));
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 prepare_blocking(&mut sink, &raw, limits, None)
             }));
@@ -435,11 +464,7 @@ fn prepare_blocking(
         let writer = scope.spawn(move || -> Result<Option<Staged>, StoreError> {
             // Staged into a set of its own, which the batch's takes over below.
             let mut own = staged.then(|| store.staging()).transpose()?;
-            BlobSink {
-                store,
-                staged: own.as_mut(),
-            }
-            .put(raw, digest)?;
+            BlobSink::new(store, own.as_mut()).put(raw, digest)?;
             Ok(own)
         });
         let examined = examine(sink, raw, &digest, limits, poison);
@@ -739,6 +764,84 @@ JVBERi0xLjQK\r\n--b--\r\n";
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].reason_code.as_deref(), Some("too-large"));
         assert_eq!(rows[0].raw_size, len);
+    }
+
+    /// A message with a 3 MB base64 PDF, which the parse hands over a MiB at a time.
+    fn with_large_pdf() -> (Vec<u8>, Vec<u8>) {
+        use base64::Engine as _;
+        let mut x = 7u64;
+        let pdf: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 56) as u8
+            })
+            .collect();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&pdf);
+        let lines: Vec<&str> = encoded
+            .as_bytes()
+            .chunks(76)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        let raw = format!(
+            "From: a@example.cz\r\nMessage-ID: <large@x>\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n\
+body\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+{}\r\n--b--\r\n",
+            lines.join("\r\n")
+        );
+        (raw.into_bytes(), pdf)
+    }
+
+    fn temp_files(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_attachment_written_in_pieces_is_stored_durably_or_staged_and_published() {
+        let (raw, pdf) = with_large_pdf();
+        let pdf_digest = Sha256Digest::of(&pdf);
+
+        // One by one: durable before the commit.
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline(dir.path(), 1 << 30).await;
+        let done = ingest_one(&p, raw.clone(), &import("one")).await.unwrap();
+        assert!(
+            matches!(done.outcome, Outcome::Registered { .. }),
+            "{done:?}"
+        );
+        assert_eq!(done.attachments, 1);
+        assert_eq!(p.store.get(&pdf_digest).unwrap(), pdf);
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+
+        // In a batch: staged, and under its name only once published.
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline(dir.path(), 1 << 30).await;
+        let chunk = prepare_staged(&p, vec![(RawMessage::hashed(raw), import("batch"))])
+            .await
+            .unwrap();
+        assert!(chunk.stopped.is_none());
+        // The raw message and the PDF.
+        assert_eq!(chunk.staged.len(), 2);
+        assert!(!p.store.path_of(&pdf_digest).exists());
+        p.store.publish(chunk.staged).unwrap();
+        assert_eq!(p.store.get(&pdf_digest).unwrap(), pdf);
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+        let (source, prepared) = chunk.prepared.into_iter().next().unwrap();
+        let prepared = prepared.unwrap();
+        let done = commit_batch(&p, &[(prepared, source)])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(done[0].outcome, Outcome::Registered { .. }));
+        let row = &p.registry.list(None, 10).await.unwrap()[0];
+        let attachments = p.registry.attachments(row.id).await.unwrap();
+        assert_eq!(attachments[0].sha256, pdf_digest.to_hex());
+        assert_eq!(attachments[0].size, pdf.len() as u64);
     }
 
     #[tokio::test]

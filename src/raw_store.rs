@@ -815,6 +815,24 @@ impl BlobWriter {
         Ok((digest, self.len))
     }
 
+    /// Like [`BlobWriter::finish`], but into `staged`: made durable and given its name by
+    /// [`RawStore::publish`] with the rest of the batch. Returns the digest and the length.
+    pub fn stage(mut self, staged: &mut Staged) -> Result<(Sha256Digest, u64), StoreError> {
+        let Some(file) = self.file.take() else {
+            return Err(self.error("stage", io::ErrorKind::BrokenPipe.into()));
+        };
+        let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
+        let dest = self.store.path_of(&digest);
+        if already_stored(&dest, self.len) {
+            return Ok((digest, self.len));
+        }
+        drop(file);
+        staged.files.push((self.tmp.clone(), dest));
+        // The temp file is the staged set's now (removed by it unless published).
+        self.done = true;
+        Ok((digest, self.len))
+    }
+
     fn error(&self, action: &'static str, source: io::Error) -> StoreError {
         StoreError {
             action,

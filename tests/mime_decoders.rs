@@ -4,6 +4,10 @@
 //! loop and panics unless both give the same bytes, the same part end and the same stream
 //! state. These tests parse real-world, generated and deliberately damaged messages that way,
 //! and check the decoded parts against the bytes that were encoded.
+//!
+//! Each is also parsed with `parse_streaming`, which hands large base64 binary parts over in
+//! pieces (here from 1000 decoded bytes on, so that nearly every such part goes that way): the
+//! pieces put together must be the same bytes, part for part, as `parse` gives.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -12,7 +16,7 @@ use std::process::Command;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use mail_parser::decoders::base64::set_differential_check;
-use mail_parser::{MessageParser, MimeHeaders};
+use mail_parser::{LargePartSink, MessageParser, MimeHeaders};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -34,6 +38,31 @@ fn parse_checked(name: &str, raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
                 .collect::<Vec<_>>()
         })
     }));
+    if let Ok(whole) = &parsed {
+        let mut pieces = Pieces::default();
+        let streamed = catch_unwind(AssertUnwindSafe(|| {
+            MessageParser::default()
+                .parse_streaming(raw, 1000, &mut pieces)
+                .map(|m| {
+                    m.attachments()
+                        .map(|a| match a.streamed {
+                            Some(id) => pieces.ended[id as usize].clone(),
+                            None => a.contents().to_vec(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+        }));
+        match streamed {
+            Ok(streamed) => assert!(
+                streamed == *whole,
+                "{name}: parse_streaming's attachments differ from parse's"
+            ),
+            Err(panic) => panic!(
+                "{name}: parse_streaming panicked where parse did not: {}",
+                mailintake::parse::panic_text(&panic)
+            ),
+        }
+    }
     match parsed {
         Ok(attachments) => Ok(attachments.unwrap_or_default()),
         Err(panic) => {
@@ -41,6 +70,31 @@ fn parse_checked(name: &str, raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
             assert!(!text.contains(MISMATCH), "{name}: {text}");
             Err(text)
         }
+    }
+}
+
+/// Parts handed over in pieces so far, by every test of this binary.
+static STREAMED_PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Collects what `parse_streaming` hands over: each large part's pieces, put together.
+#[derive(Default)]
+struct Pieces {
+    current: Vec<u8>,
+    ended: Vec<Vec<u8>>,
+}
+
+impl LargePartSink for Pieces {
+    fn piece(&mut self, bytes: &[u8]) {
+        assert!(!bytes.is_empty(), "an empty piece");
+        self.current.extend_from_slice(bytes);
+    }
+    fn end(&mut self) -> u32 {
+        STREAMED_PARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ended.push(std::mem::take(&mut self.current));
+        self.ended.len() as u32 - 1
+    }
+    fn abandon(&mut self) {
+        self.current.clear();
     }
 }
 
@@ -310,6 +364,9 @@ fn generated(profile: &str, n: usize) -> usize {
 #[test]
 fn generated_efiling_and_helpdesk_mail_parses_the_same_as_upstream() {
     let efiling = generated("efiling", 40);
+    // The e-filing PDFs are base64 binary parts well above 1000 bytes.
+    let streamed = STREAMED_PARTS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(streamed >= efiling, "only {streamed} parts went in pieces");
     let helpdesk = generated("helpdesk", 300);
     assert!(efiling > 40, "only {efiling} e-filing attachments");
     assert!(helpdesk > 20, "only {helpdesk} helpdesk attachments");

@@ -66,6 +66,24 @@ pub struct MessagePart<'x> {
     pub offset_header: u32,
     pub offset_body: u32,
     pub offset_end: u32,
+    /// mailintake patch (see PATCHED.md): set when this binary part's decoded bytes went to a
+    /// [`LargePartSink`] instead of `body` (which is then empty); the id its `end` returned.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub streamed: Option<u32>,
+}
+
+/// mailintake patch (see PATCHED.md): receives the decoded bytes of large base64 binary parts
+/// during [`MessageParser::parse_streaming`], so that they need not be held in memory whole.
+/// One part at a time, in document order.
+pub trait LargePartSink {
+    /// The next piece of the current part's decoded bytes; the first piece after `end` or
+    /// `abandon` (or the first ever) starts a new part.
+    fn piece(&mut self, bytes: &[u8]);
+    /// The current part is complete. Returns the id stored in its `MessagePart::streamed`.
+    fn end(&mut self) -> u32;
+    /// The current part turned out not to be valid base64 after all (the parser keeps it as
+    /// text, from its raw bytes, as upstream does): its pieces are to be forgotten.
+    fn abandon(&mut self);
 }
 
 /// MIME Part encoding type

@@ -536,6 +536,7 @@ impl<'x> MessagePart<'x> {
                 PartType::Multipart(v) => PartType::Multipart(v),
             },
             encoding: self.encoding,
+            streamed: self.streamed,
             offset_header: self.offset_header,
             offset_body: self.offset_body,
             offset_end: self.offset_end,

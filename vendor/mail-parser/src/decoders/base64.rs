@@ -226,6 +226,57 @@ fn decode_whole_groups(groups: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// mailintake patch: where `decode_base64_mime_spilling` hands a part's decoded bytes once
+/// they reach `threshold`, so that a large part is never held whole.
+pub(crate) struct Spill<'s> {
+    sink: &'s mut dyn FnMut(&[u8]),
+    threshold: usize,
+    spilled: bool,
+}
+
+impl<'s> Spill<'s> {
+    pub(crate) fn new(sink: &'s mut dyn FnMut(&[u8]), threshold: usize) -> Self {
+        Spill {
+            sink,
+            threshold,
+            spilled: false,
+        }
+    }
+
+    /// Whether any bytes went to the sink: then the part's bytes are the sink's, not the
+    /// returned ones (if the decoding succeeded).
+    pub(crate) fn spilled(&self) -> bool {
+        self.spilled
+    }
+
+    /// Hands `buf` over once it holds `threshold` bytes or more.
+    #[inline(always)]
+    fn check(&mut self, buf: &mut Vec<u8>) {
+        if buf.len() >= self.threshold {
+            (self.sink)(buf);
+            buf.clear();
+            self.spilled = true;
+        }
+    }
+
+    /// The end of a successful decoding: what is left goes to the sink if anything went
+    /// before it (and nothing is returned), else it is returned.
+    fn finish<'x>(spill: Option<&mut Self>, mut buf: Vec<u8>) -> Cow<'x, [u8]> {
+        match spill {
+            Some(spill) if spill.spilled => {
+                if !buf.is_empty() {
+                    (spill.sink)(&buf);
+                }
+                Cow::Borrowed(&[])
+            }
+            _ => {
+                buf.shrink_to_fit();
+                buf.into()
+            }
+        }
+    }
+}
+
 /// State of `decode_base64_mime`'s loop that the bulk step advances exactly as the byte loop
 /// would have.
 struct LineState {
@@ -252,6 +303,7 @@ fn bulk_lines(
     base: usize,
     state: &mut LineState,
     buf: &mut Vec<u8>,
+    mut spill: Option<&mut Spill<'_>>,
 ) -> (usize, usize) {
     let mut compacted: Vec<u8> = Vec::new();
     let mut i = 0;
@@ -284,6 +336,9 @@ fn bulk_lines(
         if compacted.len() >= BULK_CHUNK {
             decode_whole_groups(&compacted, buf);
             compacted.clear();
+            if let Some(spill) = spill.as_deref_mut() {
+                spill.check(buf);
+            }
         }
     };
     if !compacted.is_empty() {
@@ -295,10 +350,10 @@ fn bulk_lines(
 impl<'x> MessageStream<'x> {
     pub fn decode_base64_mime(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
         if !DIFFERENTIAL_CHECK.load(Ordering::Relaxed) {
-            return self.decode_base64_mime_bulk(boundary);
+            return self.decode_base64_mime_bulk(boundary, None);
         }
         let mut reference = self.clone();
-        let result = self.decode_base64_mime_bulk(boundary);
+        let result = self.decode_base64_mime_bulk(boundary, None);
         {
             let expected = reference.decode_base64_mime_bytewise(boundary);
             assert!(
@@ -316,11 +371,69 @@ impl<'x> MessageStream<'x> {
         result
     }
 
-    fn decode_base64_mime_bulk(&mut self, boundary: &[u8]) -> (usize, Cow<'x, [u8]>) {
+    /// mailintake patch: `decode_base64_mime`, except that once the decoded bytes reach the
+    /// spill's threshold they go to its sink, piece by piece, and are not returned (see
+    /// [`Spill::spilled`]). Under the differential check, the pieces and what is returned
+    /// together must be upstream's bytes.
+    pub(crate) fn decode_base64_mime_spilling(
+        &mut self,
+        boundary: &[u8],
+        spill: &mut Spill<'_>,
+    ) -> (usize, Cow<'x, [u8]>) {
+        if !DIFFERENTIAL_CHECK.load(Ordering::Relaxed) {
+            return self.decode_base64_mime_bulk(boundary, Some(spill));
+        }
+        let mut reference = self.clone();
+        let mut seen = Vec::new();
+        let result = {
+            let sink = &mut *spill.sink;
+            let mut tee = |bytes: &[u8]| {
+                seen.extend_from_slice(bytes);
+                sink(bytes)
+            };
+            let mut tee_spill = Spill::new(&mut tee, spill.threshold);
+            let result = self.decode_base64_mime_bulk(boundary, Some(&mut tee_spill));
+            spill.spilled = tee_spill.spilled;
+            result
+        };
+        let expected = reference.decode_base64_mime_bytewise(boundary);
+        let same_bytes = if result.0 == usize::MAX {
+            // A failure's bytes are ignored by the parser; once spilled, they are partial.
+            spill.spilled || result.1 == expected.1
+        } else {
+            seen.extend_from_slice(&result.1);
+            seen == *expected.1 && (spill.spilled || seen.len() < spill.threshold)
+        };
+        assert!(
+            result.0 == expected.0
+                && same_bytes
+                && self.position_state() == reference.position_state(),
+            "mail-parser patch: spilling base64 decoding differs from the byte loop \
+             (offset_end {} vs {}, {} vs {} bytes, stream {:?} vs {:?})",
+            result.0,
+            expected.0,
+            seen.len(),
+            expected.1.len(),
+            self.position_state(),
+            reference.position_state(),
+        );
+        result
+    }
+
+    fn decode_base64_mime_bulk(
+        &mut self,
+        boundary: &[u8],
+        mut spill: Option<&mut Spill<'_>>,
+    ) -> (usize, Cow<'x, [u8]>) {
         let mut chunk: u32 = 0;
         let mut byte_count: u8 = 0;
 
-        let mut buf = Vec::with_capacity(self.remaining() / 4 * 3);
+        let whole = self.remaining() / 4 * 3;
+        let mut buf = Vec::with_capacity(match spill.as_deref() {
+            // Up to the threshold and one bulk chunk's decoding beyond it.
+            Some(spill) => whole.min(spill.threshold + BULK_CHUNK),
+            None => whole,
+        });
         let mut last_ch = b'\n';
         let mut before_last_ch = 0;
         let mut end_pos = self.offset();
@@ -337,7 +450,13 @@ impl<'x> MessageStream<'x> {
                     before_last_ch,
                     end_pos,
                 };
-                let (consumed, stop) = bulk_lines(self.rest(), base, &mut state, &mut buf);
+                let (consumed, stop) = bulk_lines(
+                    self.rest(),
+                    base,
+                    &mut state,
+                    &mut buf,
+                    spill.as_deref_mut(),
+                );
                 no_bulk_before = base + stop;
                 if consumed > 0 {
                     self.skip_bytes(consumed);
@@ -345,6 +464,9 @@ impl<'x> MessageStream<'x> {
                     before_last_ch = state.before_last_ch;
                     end_pos = state.end_pos;
                 }
+            }
+            if let Some(spill) = spill.as_deref_mut() {
+                spill.check(&mut buf);
             }
             let Some(&ch) = self.next() else {
                 break;
@@ -391,14 +513,13 @@ impl<'x> MessageStream<'x> {
                     b'-' => {
                         if last_ch == b'-' {
                             return if !boundary.is_empty() && self.try_skip(boundary) {
-                                buf.shrink_to_fit();
                                 (
                                     if before_last_ch == b'\n' {
                                         end_pos
                                     } else {
                                         self.offset() - boundary.len() - 2
                                     },
-                                    buf.into(),
+                                    Spill::finish(spill, buf),
                                 )
                             } else {
                                 self.restore();
@@ -417,16 +538,14 @@ impl<'x> MessageStream<'x> {
             last_ch = ch;
         }
 
-        buf.shrink_to_fit();
-        (
-            if boundary.is_empty() {
-                self.offset()
-            } else {
-                self.restore();
-                usize::MAX
-            },
-            buf.into(),
-        )
+        if boundary.is_empty() {
+            (self.offset(), Spill::finish(spill, buf))
+        } else {
+            // Upstream returns what it decoded with the failure (the caller ignores it).
+            self.restore();
+            buf.shrink_to_fit();
+            (usize::MAX, buf.into())
+        }
     }
 
     /// Upstream's `decode_base64_mime`, verbatim: the reference of the differential check.

@@ -7,9 +7,9 @@
 use std::borrow::Cow;
 
 use crate::{
-    ContentType, Encoding, GetHeader, HeaderName, HeaderValue, Message, MessageParser, MessagePart,
-    MessagePartId, PartType,
-    decoders::{DecodeFnc, charsets::map::charset_decoder},
+    ContentType, Encoding, GetHeader, HeaderName, HeaderValue, LargePartSink, Message,
+    MessageParser, MessagePart, MessagePartId, PartType,
+    decoders::{DecodeFnc, base64::Spill, charsets::map::charset_decoder},
 };
 
 use super::MessageStream;
@@ -109,7 +109,26 @@ impl MessageParser {
     /// if no headers are found None is returned.
     ///
     pub fn parse<'x>(&self, raw_message: &'x (impl AsRef<[u8]> + ?Sized)) -> Option<Message<'x>> {
-        self.parse_(raw_message.as_ref(), MAX_NESTED_ENCODED, false)
+        self.parse_(raw_message.as_ref(), MAX_NESTED_ENCODED, false, None)
+    }
+
+    /// mailintake patch (see PATCHED.md): parses like [`MessageParser::parse`], except that a
+    /// base64 binary part (not text, not a message) whose decoded bytes reach `threshold`
+    /// bytes is handed to `sink` a piece at a time (pieces of about `threshold` bytes) instead
+    /// of being kept in the `Message`: its `body` is empty and its `streamed` holds the id
+    /// `sink.end()` returned. Smaller parts, and everything else, are parsed as by `parse`.
+    pub fn parse_streaming<'x>(
+        &self,
+        raw_message: &'x (impl AsRef<[u8]> + ?Sized),
+        threshold: usize,
+        sink: &mut dyn LargePartSink,
+    ) -> Option<Message<'x>> {
+        self.parse_(
+            raw_message.as_ref(),
+            MAX_NESTED_ENCODED,
+            false,
+            Some((sink, threshold.max(1))),
+        )
     }
 
     /// Parses a byte slice containing the RFC5322 raw message and returns a
@@ -118,14 +137,15 @@ impl MessageParser {
         &self,
         raw_message: &'x (impl AsRef<[u8]> + ?Sized),
     ) -> Option<Message<'x>> {
-        self.parse_(raw_message.as_ref(), MAX_NESTED_ENCODED, true)
+        self.parse_(raw_message.as_ref(), MAX_NESTED_ENCODED, true, None)
     }
 
-    fn parse_<'x>(
+    fn parse_<'x, 's>(
         &self,
         raw_message: &'x [u8],
         depth: usize,
         skip_body: bool,
+        mut large: Option<(&mut (dyn LargePartSink + 's), usize)>,
     ) -> Option<Message<'x>> {
         let mut stream = MessageStream::new(raw_message);
 
@@ -183,6 +203,7 @@ impl MessageParser {
                         is_encoding_problem: false,
                         encoding: Encoding::None,
                         body: PartType::default(),
+                        streamed: None,
                     });
                     state_stack.push((state, None));
                     state = new_state;
@@ -229,6 +250,7 @@ impl MessageParser {
                     offset_body: state.offset_body as u32,
                     offset_end: 0,
                     body: PartType::default(), // Temp value, will be replaced later.
+                    streamed: None,
                 });
                 state_stack.push((state, message.into()));
                 message = Message::new();
@@ -236,10 +258,36 @@ impl MessageParser {
                 continue;
             }
 
-            let (offset_end, mut bytes) = decode_fnc(
-                &mut stream,
-                state.mime_boundary.as_deref().unwrap_or(&b""[..]),
-            );
+            // mailintake patch: a base64 binary part may go to the large-part sink.
+            let boundary = state.mime_boundary.as_deref().unwrap_or(&b""[..]);
+            let (offset_end, mut bytes, streamed) = match large.as_mut() {
+                Some((sink, threshold))
+                    if encoding == Encoding::Base64
+                        && !is_text
+                        && mime_type != MimeType::Message =>
+                {
+                    let (offset_end, bytes, spilled) = {
+                        let mut piece = |bytes: &[u8]| sink.piece(bytes);
+                        let mut spill = Spill::new(&mut piece, *threshold);
+                        let (offset_end, bytes) =
+                            stream.decode_base64_mime_spilling(boundary, &mut spill);
+                        (offset_end, bytes, spill.spilled())
+                    };
+                    let streamed = match (spilled, offset_end == usize::MAX) {
+                        (false, _) => None,
+                        (true, false) => Some(sink.end()),
+                        (true, true) => {
+                            sink.abandon();
+                            None
+                        }
+                    };
+                    (offset_end, bytes, streamed)
+                }
+                _ => {
+                    let (offset_end, bytes) = decode_fnc(&mut stream, boundary);
+                    (offset_end, bytes, None)
+                }
+            };
 
             // Attempt to recover contents of an invalid message
             let mut is_encoding_problem = offset_end == usize::MAX;
@@ -354,7 +402,12 @@ impl MessageParser {
                 message.attachments.push(message.parts.len() as u32);
 
                 if depth != 0 {
-                    if let Some(nested_message) = self.parse_(bytes.as_ref(), depth - 1, false) {
+                    let large = large
+                        .as_mut()
+                        .map(|(sink, threshold)| (&mut **sink, *threshold));
+                    if let Some(nested_message) =
+                        self.parse_(bytes.as_ref(), depth - 1, false, large)
+                    {
                         PartType::Message(Message {
                             html_body: nested_message.html_body,
                             text_body: nested_message.text_body,
@@ -385,6 +438,7 @@ impl MessageParser {
                 offset_header: state.offset_header as u32,
                 offset_body: state.offset_body as u32,
                 offset_end: state.offset_end as u32,
+                streamed,
             });
 
             if state.mime_boundary.is_some() {
@@ -561,6 +615,7 @@ impl MessageParser {
                 offset_header: 0,
                 offset_body: message.raw_message.len() as u32,
                 offset_end: message.raw_message.len() as u32,
+                streamed: None,
             });
             Some(message)
         } else {
