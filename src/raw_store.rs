@@ -302,6 +302,19 @@ impl RawStore {
                 path: tmp.clone(),
                 source,
             })?;
+        // Such blobs are large (a message fetched in parts, an attachment decoded in pieces):
+        // they bypass the page cache, as large staged blobs do, where the filesystem allows.
+        let direct = match DirectBuffer::enable(&file) {
+            Ok(direct) => direct.map(Box::new),
+            Err(source) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError {
+                    action: "open for direct I/O",
+                    path: tmp,
+                    source,
+                });
+            }
+        };
         Ok(BlobWriter {
             store: self.clone(),
             tmp,
@@ -309,6 +322,7 @@ impl RawStore {
             hasher: Sha256::new(),
             len: 0,
             done: false,
+            direct,
         })
     }
 
@@ -768,21 +782,52 @@ pub struct BlobWriter {
     len: u64,
     /// Renamed into place: nothing left to remove.
     done: bool,
+    /// While the file bypasses the page cache: the bytes not yet written.
+    direct: Option<Box<DirectBuffer>>,
 }
 
 impl BlobWriter {
-    /// Appends `piece` to the blob and to its digest, and starts its writeback.
+    /// Appends `piece` to the blob and to its digest, and starts its writeback (buffered) or
+    /// writes each whole chunk as it fills (direct).
     pub fn write(&mut self, piece: &[u8]) -> Result<(), StoreError> {
         let Some(file) = self.file.as_mut() else {
             return Err(self.error("write", io::ErrorKind::BrokenPipe.into()));
         };
-        if let Err(source) = file.write_all(piece) {
-            return Err(self.error("write", source));
+        let written = match &mut self.direct {
+            Some(direct) => direct.write(file, piece),
+            None => file.write_all(piece).map(|()| {
+                start_writeback(file);
+                Ok(())
+            }),
+        };
+        match written {
+            Ok(Ok(())) => {}
+            // Direct I/O refused after all: what is held is written, buffered, from now on.
+            Ok(Err(held)) => {
+                self.direct = None;
+                if let Err(source) = file.write_all(&held) {
+                    return Err(self.error("write", source));
+                }
+            }
+            Err(source) => return Err(self.error("write", source)),
         }
-        start_writeback(file);
         self.hasher.update(piece);
         self.len += piece.len() as u64;
         Ok(())
+    }
+
+    /// Writes what direct I/O still holds (the last, partial chunk) and cuts the padding off.
+    fn flush_direct(&mut self, file: &mut File) -> Result<(), StoreError> {
+        let Some(mut direct) = self.direct.take() else {
+            return Ok(());
+        };
+        match direct.finish(file, self.len) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(held)) => file
+                .write_all(&held)
+                .map_err(|source| self.error("write", source)),
+            Err(source) => Err(self.error("write", source)),
+        }
     }
 
     /// Bytes written so far.
@@ -798,9 +843,10 @@ impl BlobWriter {
     /// when the same bytes are stored already, keeps that blob and drops this copy unflushed.
     /// Returns the digest and the length.
     pub fn finish(mut self) -> Result<(Sha256Digest, u64), StoreError> {
-        let Some(file) = self.file.take() else {
+        let Some(mut file) = self.file.take() else {
             return Err(self.error("finish", io::ErrorKind::BrokenPipe.into()));
         };
+        self.flush_direct(&mut file)?;
         let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
         let dest = self.store.path_of(&digest);
         if already_stored(&dest, self.len) {
@@ -818,9 +864,10 @@ impl BlobWriter {
     /// Like [`BlobWriter::finish`], but into `staged`: made durable and given its name by
     /// [`RawStore::publish`] with the rest of the batch. Returns the digest and the length.
     pub fn stage(mut self, staged: &mut Staged) -> Result<(Sha256Digest, u64), StoreError> {
-        let Some(file) = self.file.take() else {
+        let Some(mut file) = self.file.take() else {
             return Err(self.error("stage", io::ErrorKind::BrokenPipe.into()));
         };
+        self.flush_direct(&mut file)?;
         let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
         let dest = self.store.path_of(&digest);
         if already_stored(&dest, self.len) {
@@ -880,14 +927,155 @@ const DIRECT_BUFFERS_KEPT: usize = 2;
 
 /// Lends a bounce buffer from [`DIRECT_BUFFERS`] to `write`, then keeps it for the next one.
 fn with_direct_buffer<T>(write: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    let pool = || DIRECT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut buffer = pool().pop().unwrap_or_default();
+    let mut buffer = take_direct_buffer();
     let result = write(&mut buffer);
-    let mut kept = pool();
+    keep_direct_buffer(buffer);
+    result
+}
+
+fn direct_buffers() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    DIRECT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A kept bounce buffer, or a new (empty) one.
+fn take_direct_buffer() -> Vec<u8> {
+    direct_buffers().pop().unwrap_or_default()
+}
+
+/// Keeps `buffer` for the next direct write, unless enough are kept.
+fn keep_direct_buffer(buffer: Vec<u8>) {
+    let mut kept = direct_buffers();
     if kept.len() < DIRECT_BUFFERS_KEPT {
         kept.push(buffer);
     }
-    result
+}
+
+/// A [`BlobWriter`]'s bytes on their way to a file opened for direct I/O: they collect in an
+/// aligned chunk of a bounce buffer, which is written whenever it is full.
+struct DirectBuffer {
+    buffer: Vec<u8>,
+    /// Where the aligned chunk starts in `buffer`.
+    skew: usize,
+    filled: usize,
+}
+
+/// What a write refused with `EINVAL` under direct I/O leaves: the file is buffered again,
+/// and these bytes (not yet written, in order) are the caller's to write.
+type Held = Vec<u8>;
+
+impl DirectBuffer {
+    /// Turns direct I/O on for `file`, new and empty: `None` if the filesystem refuses it.
+    #[cfg(target_os = "linux")]
+    fn enable(file: &File) -> io::Result<Option<DirectBuffer>> {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL pass no memory.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EINVAL) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        let mut buffer = take_direct_buffer();
+        if buffer.len() < DIRECT_CHUNK + DIRECT_ALIGN {
+            buffer.resize(DIRECT_CHUNK + DIRECT_ALIGN, 0);
+        }
+        let skew = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+        Ok(Some(DirectBuffer {
+            buffer,
+            skew,
+            filled: 0,
+        }))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn enable(_file: &File) -> io::Result<Option<DirectBuffer>> {
+        Ok(None)
+    }
+
+    fn chunk(&mut self) -> &mut [u8] {
+        &mut self.buffer[self.skew..self.skew + DIRECT_CHUNK]
+    }
+
+    /// Adds `piece`, writing each chunk that fills. `Ok(Err(held))`: direct I/O was refused.
+    fn write(&mut self, file: &mut File, mut piece: &[u8]) -> io::Result<Result<(), Held>> {
+        while !piece.is_empty() {
+            let n = (DIRECT_CHUNK - self.filled).min(piece.len());
+            let filled = self.filled;
+            self.chunk()[filled..filled + n].copy_from_slice(&piece[..n]);
+            self.filled += n;
+            piece = &piece[n..];
+            if self.filled == DIRECT_CHUNK {
+                let skew = self.skew;
+                if let Err(e) = file.write_all(&self.buffer[skew..skew + DIRECT_CHUNK]) {
+                    return self.refused(file, e, piece);
+                }
+                self.filled = 0;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Writes the last chunk, padded to the block size, and cuts the file to `len`.
+    fn finish(&mut self, file: &mut File, len: u64) -> io::Result<Result<(), Held>> {
+        if self.filled > 0 {
+            let filled = self.filled;
+            let padded = filled.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            self.chunk()[filled..padded].fill(0);
+            let skew = self.skew;
+            if let Err(e) = file.write_all(&self.buffer[skew..skew + padded]) {
+                return self.refused(file, e, &[]);
+            }
+            self.filled = 0;
+            file.set_len(len)?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// A direct write failed: `EINVAL` (the filesystem wants another alignment after all)
+    /// turns direct I/O off and hands back what was held and what was left of the piece.
+    /// Whole chunks written before stay: the file's offset is where the held bytes belong.
+    fn refused(&mut self, file: &File, e: io::Error, rest: &[u8]) -> io::Result<Result<(), Held>> {
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+        direct_off(file)?;
+        let skew = self.skew;
+        let mut held = self.buffer[skew..skew + self.filled].to_vec();
+        held.extend_from_slice(rest);
+        self.filled = 0;
+        Ok(Err(held))
+    }
+}
+
+impl Drop for DirectBuffer {
+    fn drop(&mut self) {
+        keep_direct_buffer(std::mem::take(&mut self.buffer));
+    }
+}
+
+/// Turns direct I/O off again for `file`.
+#[cfg(target_os = "linux")]
+fn direct_off(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: as in `DirectBuffer::enable`.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn direct_off(_file: &File) -> io::Result<()> {
+    Ok(())
 }
 
 /// Writes `bytes` to the new, empty file `f` without the page cache. `Ok(false)`: the
@@ -1036,6 +1224,71 @@ mod tests {
         assert_eq!(again.finish().unwrap().0, digest);
         assert!(temp_files(dir.path()).is_empty());
         assert_eq!(store.get(&digest).unwrap(), whole);
+    }
+
+    /// Pieces across direct I/O's chunks and blocks: a byte, the rest of a block, a whole
+    /// chunk, odd sizes, and a tail that is not a whole block.
+    fn odd_pieces(whole: &[u8]) -> Vec<&[u8]> {
+        let mut pieces = Vec::new();
+        let mut rest = whole;
+        for n in [
+            1,
+            4095,
+            DIRECT_CHUNK,
+            3 * 1024 * 1024 + 7,
+            1,
+            DIRECT_CHUNK - 9,
+        ] {
+            let (piece, tail) = rest.split_at(n.min(rest.len()));
+            pieces.push(piece);
+            rest = tail;
+        }
+        pieces.push(rest);
+        pieces
+    }
+
+    #[test]
+    fn a_large_blob_in_odd_pieces_is_written_byte_exact_finished_or_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RawStore::open(dir.path()).unwrap();
+        let whole: Vec<u8> = (0..(3 * DIRECT_CHUNK + 12_345))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut writer = store.writer().unwrap();
+        // Where the filesystem allows it (ext4 does), the page cache is bypassed.
+        eprintln!("direct I/O: {}", writer.direct.is_some());
+        for piece in odd_pieces(&whole) {
+            writer.write(piece).unwrap();
+        }
+        let (digest, len) = writer.finish().unwrap();
+        assert_eq!(
+            (digest, len),
+            (Sha256Digest::of(&whole), whole.len() as u64)
+        );
+        assert!(store.get_verified(&digest).unwrap() == whole);
+        assert!(temp_files(dir.path()).is_empty());
+
+        // Staged: in place only once published, then byte-exact.
+        let other: Vec<u8> = whole.iter().map(|b| b ^ 0x5a).collect();
+        let mut staged = store.staging().unwrap();
+        let mut writer = store.writer().unwrap();
+        for piece in odd_pieces(&other) {
+            writer.write(piece).unwrap();
+        }
+        let (digest, _) = writer.stage(&mut staged).unwrap();
+        assert!(!store.path_of(&digest).exists());
+        store.publish(staged).unwrap();
+        assert!(store.get_verified(&digest).unwrap() == other);
+        assert!(temp_files(dir.path()).is_empty());
+
+        // A blob that ends inside its first block.
+        let mut writer = store.writer().unwrap();
+        writer.write(b"short").unwrap();
+        let (digest, len) = writer.finish().unwrap();
+        assert_eq!(
+            (len, store.get_verified(&digest).unwrap()),
+            (5, b"short".to_vec())
+        );
     }
 
     #[test]
