@@ -80,8 +80,9 @@ pub struct ImapTuning {
     pub batch_max_messages: usize,
     pub batch_max_bytes: u64,
     /// Bytes of fetched messages a session holds at once (fetched, waiting or being prepared);
-    /// a batch that does not fit beside the others waits. Default: three times
-    /// `batch_max_bytes`.
+    /// a batch that does not fit beside the others waits. Default: four times
+    /// `batch_max_bytes` (64 MiB): large attachments are decoded into the blob store in
+    /// pieces, so the peak beside the budget is small (bench/README.md).
     pub in_flight_max_bytes: u64,
     /// IMAP sessions open at once across all mailboxes (servers and tenants throttle).
     pub max_sessions: usize,
@@ -97,7 +98,7 @@ impl Default for ImapTuning {
             io_timeout: Duration::from_secs(120),
             batch_max_messages: 100,
             batch_max_bytes: 16 * 1024 * 1024,
-            in_flight_max_bytes: 48 * 1024 * 1024,
+            in_flight_max_bytes: 64 * 1024 * 1024,
             max_sessions: 16,
             // Opt-in: on 2 vCPUs shared with the server it did not pay (bench/README.md), and
             // with one preparation at a time a full disk fails exactly the message that did
@@ -641,14 +642,14 @@ impl Validator<'_> {
                 .batch_max_bytes
                 .unwrap_or(defaults.batch_max_bytes)
                 .max(1),
-            // Default: three full batches (one prepared, the next two fetched meanwhile).
+            // Default: four full batches (one prepared, the next three fetched meanwhile).
             in_flight_max_bytes: raw
                 .imap
                 .in_flight_max_bytes
                 .unwrap_or_else(|| {
                     raw.imap
                         .batch_max_bytes
-                        .map_or(defaults.in_flight_max_bytes, |b| b.max(1).saturating_mul(3))
+                        .map_or(defaults.in_flight_max_bytes, |b| b.max(1).saturating_mul(4))
                 })
                 .max(1),
             max_sessions: raw

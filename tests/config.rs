@@ -322,6 +322,25 @@ fn zero_timeouts_are_refused_and_huge_session_counts_capped() {
     assert_eq!(c.imap.max_sessions, 4096);
 }
 
+#[test]
+fn the_bytes_in_flight_default_to_four_batches() {
+    let parse = |imap: &str| {
+        let text = GOOD.replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"data\"\n[imap]\n{imap}"),
+        );
+        Config::parse(Path::new("/x/test.toml"), &text, &env())
+            .unwrap()
+            .imap
+    };
+    let default = parse("");
+    assert_eq!(default.batch_max_bytes, 16 << 20);
+    assert_eq!(default.in_flight_max_bytes, 64 << 20);
+    assert_eq!(parse("batch_max_bytes = 1000").in_flight_max_bytes, 4000);
+    let both = parse("batch_max_bytes = 1000\nin_flight_max_bytes = 1500");
+    assert_eq!(both.in_flight_max_bytes, 1500);
+}
+
 /// A secret file that other users may read is accepted with a warning naming the key, the line,
 /// the file and the fix, printed by `check-config`; a private one (0600) gives none.
 #[test]
