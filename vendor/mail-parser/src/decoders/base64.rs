@@ -431,7 +431,7 @@ impl<'x> MessageStream<'x> {
         let whole = self.remaining() / 4 * 3;
         let mut buf = Vec::with_capacity(match spill.as_deref() {
             // Up to the threshold and one bulk chunk's decoding beyond it.
-            Some(spill) => whole.min(spill.threshold + BULK_CHUNK),
+            Some(spill) => whole.min(spill.threshold.saturating_add(BULK_CHUNK)),
             None => whole,
         });
         let mut last_ch = b'\n';
