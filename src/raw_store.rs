@@ -806,10 +806,15 @@ impl BlobWriter {
             Ok(Err(held)) => {
                 self.direct = None;
                 if let Err(source) = file.write_all(&held) {
+                    self.file = None;
                     return Err(self.error("write", source));
                 }
             }
-            Err(source) => return Err(self.error("write", source)),
+            Err(source) => {
+                // Nothing more goes into this blob: how much of the piece got out is unknown.
+                self.file = None;
+                return Err(self.error("write", source));
+            }
         }
         self.hasher.update(piece);
         self.len += piece.len() as u64;
@@ -957,6 +962,8 @@ struct DirectBuffer {
     /// Where the aligned chunk starts in `buffer`.
     skew: usize,
     filled: usize,
+    /// Bytes of the file written whole chunks so far: where the chunk being filled belongs.
+    written: u64,
 }
 
 /// What a write refused with `EINVAL` under direct I/O leaves: the file is buffered again,
@@ -991,6 +998,7 @@ impl DirectBuffer {
             buffer,
             skew,
             filled: 0,
+            written: 0,
         }))
     }
 
@@ -1017,6 +1025,7 @@ impl DirectBuffer {
                     return self.refused(file, e, piece);
                 }
                 self.filled = 0;
+                self.written += DIRECT_CHUNK as u64;
             }
         }
         Ok(Ok(()))
@@ -1040,12 +1049,16 @@ impl DirectBuffer {
 
     /// A direct write failed: `EINVAL` (the filesystem wants another alignment after all)
     /// turns direct I/O off and hands back what was held and what was left of the piece.
-    /// Whole chunks written before stay: the file's offset is where the held bytes belong.
+    /// Whole chunks written before stay; whatever part of this chunk got out before the refusal
+    /// is cut off, so that the held bytes go where this chunk began.
     fn refused(&mut self, file: &File, e: io::Error, rest: &[u8]) -> io::Result<Result<(), Held>> {
+        use std::io::{Seek, SeekFrom};
         if e.raw_os_error() != Some(libc::EINVAL) {
             return Err(e);
         }
         direct_off(file)?;
+        file.set_len(self.written)?;
+        (&mut &*file).seek(SeekFrom::Start(self.written))?;
         let skew = self.skew;
         let mut held = self.buffer[skew..skew + self.filled].to_vec();
         held.extend_from_slice(rest);
@@ -1289,6 +1302,40 @@ mod tests {
             (len, store.get_verified(&digest).unwrap()),
             (5, b"short".to_vec())
         );
+    }
+
+    /// Direct I/O refused in the middle of a chunk (part of it may have got out): the file is
+    /// cut back to the chunks written whole, and the chunk's bytes and the rest of the piece
+    /// are handed back to be written buffered from there.
+    #[test]
+    fn a_direct_write_refused_midway_resumes_where_its_chunk_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let mut file = File::create(&path).unwrap();
+        let Some(mut direct) = DirectBuffer::enable(&file).unwrap() else {
+            eprintln!("no direct I/O on this filesystem: nothing to refuse");
+            return;
+        };
+        let first = vec![1u8; DIRECT_CHUNK];
+        assert_eq!(direct.write(&mut file, &first).unwrap(), Ok(()));
+        assert_eq!(direct.write(&mut file, &[2u8; 100]).unwrap(), Ok(()));
+        // What a partial write before the refusal would leave: 4 KiB of the next chunk.
+        direct_off(&file).unwrap();
+        file.write_all(&[9u8; DIRECT_ALIGN]).unwrap();
+        let held = direct
+            .refused(&file, io::Error::from_raw_os_error(libc::EINVAL), &[3u8; 7])
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(held, [vec![2u8; 100], vec![3u8; 7]].concat());
+        file.write_all(&held).unwrap();
+        drop(file);
+        let on_disk = fs::read(&path).unwrap();
+        assert!(on_disk == [first, held].concat(), "{} bytes", on_disk.len());
+        // Any other error is the caller's, as it is.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut direct = DirectBuffer::enable(&file).unwrap().unwrap();
+        let other = direct.refused(&file, io::Error::from_raw_os_error(libc::EIO), &[]);
+        assert_eq!(other.unwrap_err().raw_os_error(), Some(libc::EIO));
     }
 
     #[test]
