@@ -100,36 +100,45 @@ impl AttachmentSink for Discard {
 
 /// What the parser sees of a sink: large parts' pieces, with the sink's first error kept (the
 /// parser cannot be stopped; later pieces are dropped and the parse fails with that error).
+/// A panic of the sink (the store's, not the parser's) is kept too, and resumed after the
+/// parse, so that it is not taken for the parser's own.
 struct LargeParts<'s, S: AttachmentSink> {
     sink: &'s mut S,
     /// Digest and size of each large attachment, by the id the parser stores in its part.
     ended: Vec<(Sha256Digest, u64)>,
     error: Option<S::Error>,
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<S: AttachmentSink> LargeParts<'_, S> {
+    /// Calls the sink unless it failed before; keeps its error or panic.
+    fn call<T>(&mut self, f: impl FnOnce(&mut S) -> Result<T, S::Error>) -> Option<T> {
+        if self.error.is_some() || self.panic.is_some() {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self.sink))) {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                None
+            }
+            Err(panic) => {
+                self.panic = Some(panic);
+                None
+            }
+        }
+    }
 }
 
 impl<S: AttachmentSink> mail_parser::LargePartSink for LargeParts<'_, S> {
     fn piece(&mut self, bytes: &[u8]) {
-        if self.error.is_none()
-            && let Err(e) = self.sink.piece(bytes)
-        {
-            self.error = Some(e);
-        }
+        self.call(|sink| sink.piece(bytes));
     }
 
     fn end(&mut self) -> u32 {
         let id = self.ended.len() as u32;
-        if self.error.is_some() {
-            self.sink.abandon();
-            self.ended.push((Sha256Digest([0; 32]), 0));
-            return id;
-        }
-        match self.sink.end() {
-            Ok(ended) => self.ended.push(ended),
-            Err(e) => {
-                self.error = Some(e);
-                self.ended.push((Sha256Digest([0; 32]), 0));
-            }
-        }
+        let ended = self.call(|sink| sink.end());
+        self.ended.push(ended.unwrap_or((Sha256Digest([0; 32]), 0)));
         id
     }
 
@@ -217,13 +226,17 @@ fn parse_message<S: AttachmentSink>(
         sink,
         ended: Vec::new(),
         error: None,
+        panic: None,
     };
     let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         MessageParser::default().parse_streaming(raw, piece_bytes, &mut large)
     }));
-    if parsed.is_err() || large.error.is_some() {
+    if parsed.is_err() || large.error.is_some() || large.panic.is_some() {
         // A large attachment may have been cut off by the panic or left after the error.
         large.sink.abandon();
+    }
+    if let Some(panic) = large.panic.take() {
+        std::panic::resume_unwind(panic);
     }
     if let Some(e) = large.error.take() {
         return Err(ParseWithSinkError::Sink(e));
@@ -596,6 +609,38 @@ Content-Disposition: attachment; filename=b.pdf\r\nContent-Transfer-Encoding: ba
         // Kept: the part's raw text, as sent.
         assert_eq!(s.attachments[0].content_type, "application/pdf");
         assert!(s.attachments[0].size() >= encoded.len() as u64);
+    }
+
+    /// A sink that panics at its second piece, as a bug in the store would.
+    struct PanicsAtSecondPiece(usize);
+
+    impl AttachmentSink for PanicsAtSecondPiece {
+        type Error = std::convert::Infallible;
+        fn attachment(&mut self, _: &[u8], _: Sha256Digest) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn piece(&mut self, _: &[u8]) -> Result<(), Self::Error> {
+            self.0 += 1;
+            assert!(self.0 < 2, "the store's bug");
+            Ok(())
+        }
+        fn end(&mut self) -> Result<(Sha256Digest, u64), Self::Error> {
+            Ok((Sha256Digest([0; 32]), 0))
+        }
+        fn abandon(&mut self) {}
+    }
+
+    #[test]
+    fn a_panic_of_the_sink_is_its_own_not_a_parser_failure() {
+        let raw = with_large_attachments(&payload(3_300_000, 4), b"x");
+        let digest = Sha256Digest::of(&raw);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            parse_into(&raw, &digest, &mut PanicsAtSecondPiece(0))
+        }));
+        let Err(panic) = caught else {
+            panic!("the sink's panic must go on past the parse: {caught:?}");
+        };
+        assert_eq!(panic_text(&panic), "the store's bug");
     }
 
     #[test]
