@@ -304,7 +304,7 @@ impl RawStore {
             })?;
         // Such blobs are large (a message fetched in parts, an attachment decoded in pieces):
         // they bypass the page cache, as large staged blobs do, where the filesystem allows.
-        let direct = match DirectBuffer::enable(&file) {
+        let direct = match DirectBuffer::enable(&file, DIRECT_CHUNK) {
             Ok(direct) => direct.map(Box::new),
             Err(source) => {
                 let _ = fs::remove_file(&tmp);
@@ -848,41 +848,46 @@ impl BlobWriter {
     /// when the same bytes are stored already, keeps that blob and drops this copy unflushed.
     /// Returns the digest and the length.
     pub fn finish(mut self) -> Result<(Sha256Digest, u64), StoreError> {
-        let Some(mut file) = self.file.take() else {
-            return Err(self.error("finish", io::ErrorKind::BrokenPipe.into()));
-        };
-        self.flush_direct(&mut file)?;
-        let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
-        let dest = self.store.path_of(&digest);
-        if already_stored(&dest, self.len) {
-            return Ok((digest, self.len));
+        let (file, digest, dest) = self.seal("finish")?;
+        if let Some(file) = file {
+            if let Err(source) = file.sync_all() {
+                return Err(self.error("write", source));
+            }
+            drop(file);
+            self.store.place(&self.tmp, &dest)?;
+            self.done = true;
         }
-        if let Err(source) = file.sync_all() {
-            return Err(self.error("write", source));
-        }
-        drop(file);
-        self.store.place(&self.tmp, &dest)?;
-        self.done = true;
         Ok((digest, self.len))
     }
 
     /// Like [`BlobWriter::finish`], but into `staged`: made durable and given its name by
     /// [`RawStore::publish`] with the rest of the batch. Returns the digest and the length.
     pub fn stage(mut self, staged: &mut Staged) -> Result<(Sha256Digest, u64), StoreError> {
+        let (file, digest, dest) = self.seal("stage")?;
+        if let Some(file) = file {
+            drop(file);
+            staged.files.push((self.tmp.clone(), dest));
+            // The temp file is the staged set's now (removed by it unless published).
+            self.done = true;
+        }
+        Ok((digest, self.len))
+    }
+
+    /// The end of writing, for [`BlobWriter::finish`] and [`BlobWriter::stage`]: writes what
+    /// direct I/O still holds and names the blob. Returns the file (`None` when the same bytes
+    /// are stored already: this copy is dropped, unflushed), the digest and the final path.
+    fn seal(
+        &mut self,
+        action: &'static str,
+    ) -> Result<(Option<File>, Sha256Digest, PathBuf), StoreError> {
         let Some(mut file) = self.file.take() else {
-            return Err(self.error("stage", io::ErrorKind::BrokenPipe.into()));
+            return Err(self.error(action, io::ErrorKind::BrokenPipe.into()));
         };
         self.flush_direct(&mut file)?;
         let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
         let dest = self.store.path_of(&digest);
-        if already_stored(&dest, self.len) {
-            return Ok((digest, self.len));
-        }
-        drop(file);
-        staged.files.push((self.tmp.clone(), dest));
-        // The temp file is the staged set's now (removed by it unless published).
-        self.done = true;
-        Ok((digest, self.len))
+        let file = (!already_stored(&dest, self.len)).then_some(file);
+        Ok((file, digest, dest))
     }
 
     fn error(&self, action: &'static str, source: io::Error) -> StoreError {
@@ -930,14 +935,6 @@ static DIRECT_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Ve
 /// preparation, its raw blob's writer, a large message fetched in parts.
 const DIRECT_BUFFERS_KEPT: usize = 2;
 
-/// Lends a bounce buffer from [`DIRECT_BUFFERS`] to `write`, then keeps it for the next one.
-fn with_direct_buffer<T>(write: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    let mut buffer = take_direct_buffer();
-    let result = write(&mut buffer);
-    keep_direct_buffer(buffer);
-    result
-}
-
 fn direct_buffers() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
     DIRECT_BUFFERS.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -959,8 +956,9 @@ fn keep_direct_buffer(buffer: Vec<u8>) {
 /// aligned chunk of a bounce buffer, which is written whenever it is full.
 struct DirectBuffer {
     buffer: Vec<u8>,
-    /// Where the aligned chunk starts in `buffer`.
+    /// Where the aligned chunk starts in `buffer`, and its length (a multiple of the block).
     skew: usize,
+    chunk_len: usize,
     filled: usize,
     /// Bytes of the file written whole chunks so far: where the chunk being filled belongs.
     written: u64,
@@ -972,60 +970,48 @@ type Held = Vec<u8>;
 
 impl DirectBuffer {
     /// Turns direct I/O on for `file`, new and empty: `None` if the filesystem refuses it.
-    #[cfg(target_os = "linux")]
-    fn enable(file: &File) -> io::Result<Option<DirectBuffer>> {
-        use std::os::fd::AsRawFd;
-        let fd = file.as_raw_fd();
-        // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL pass no memory.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
+    /// `expected`: how many bytes will come at most; a small blob gets a chunk of its size.
+    fn enable(file: &File, expected: usize) -> io::Result<Option<DirectBuffer>> {
+        if !set_direct(file, true)? {
+            return Ok(None);
         }
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EINVAL) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
+        let chunk_len = expected
+            .div_ceil(DIRECT_ALIGN)
+            .clamp(1, DIRECT_CHUNK / DIRECT_ALIGN)
+            * DIRECT_ALIGN;
         let mut buffer = take_direct_buffer();
-        if buffer.len() < DIRECT_CHUNK + DIRECT_ALIGN {
-            buffer.resize(DIRECT_CHUNK + DIRECT_ALIGN, 0);
+        if buffer.len() < chunk_len + DIRECT_ALIGN {
+            buffer.reserve_exact(chunk_len + DIRECT_ALIGN - buffer.len());
+            buffer.resize(chunk_len + DIRECT_ALIGN, 0);
         }
         let skew = buffer.as_ptr().align_offset(DIRECT_ALIGN);
         Ok(Some(DirectBuffer {
             buffer,
             skew,
+            chunk_len,
             filled: 0,
             written: 0,
         }))
     }
 
-    #[cfg(not(target_os = "linux"))]
-    fn enable(_file: &File) -> io::Result<Option<DirectBuffer>> {
-        Ok(None)
-    }
-
     fn chunk(&mut self) -> &mut [u8] {
-        &mut self.buffer[self.skew..self.skew + DIRECT_CHUNK]
+        &mut self.buffer[self.skew..self.skew + self.chunk_len]
     }
 
     /// Adds `piece`, writing each chunk that fills. `Ok(Err(held))`: direct I/O was refused.
     fn write(&mut self, file: &mut File, mut piece: &[u8]) -> io::Result<Result<(), Held>> {
         while !piece.is_empty() {
-            let n = (DIRECT_CHUNK - self.filled).min(piece.len());
+            let n = (self.chunk_len - self.filled).min(piece.len());
             let filled = self.filled;
             self.chunk()[filled..filled + n].copy_from_slice(&piece[..n]);
             self.filled += n;
             piece = &piece[n..];
-            if self.filled == DIRECT_CHUNK {
-                let skew = self.skew;
-                if let Err(e) = file.write_all(&self.buffer[skew..skew + DIRECT_CHUNK]) {
+            if self.filled == self.chunk_len {
+                if let Err(e) = file.write_all(self.chunk()) {
                     return self.refused(file, e, piece);
                 }
                 self.filled = 0;
-                self.written += DIRECT_CHUNK as u64;
+                self.written += self.chunk_len as u64;
             }
         }
         Ok(Ok(()))
@@ -1037,8 +1023,7 @@ impl DirectBuffer {
             let filled = self.filled;
             let padded = filled.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
             self.chunk()[filled..padded].fill(0);
-            let skew = self.skew;
-            if let Err(e) = file.write_all(&self.buffer[skew..skew + padded]) {
+            if let Err(e) = file.write_all(&self.chunk()[..padded]) {
                 return self.refused(file, e, &[]);
             }
             self.filled = 0;
@@ -1056,7 +1041,7 @@ impl DirectBuffer {
         if e.raw_os_error() != Some(libc::EINVAL) {
             return Err(e);
         }
-        direct_off(file)?;
+        set_direct(file, false)?;
         file.set_len(self.written)?;
         (&mut &*file).seek(SeekFrom::Start(self.written))?;
         let skew = self.skew;
@@ -1073,91 +1058,58 @@ impl Drop for DirectBuffer {
     }
 }
 
-/// Turns direct I/O off again for `file`.
+/// Turns direct I/O on or off for `file`. `Ok(false)`: the filesystem refuses to turn it on
+/// (setting the flag creates nothing, so such a file is as it was).
 #[cfg(target_os = "linux")]
-fn direct_off(file: &File) -> io::Result<()> {
+fn set_direct(file: &File, on: bool) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
-    // SAFETY: as in `DirectBuffer::enable`.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn direct_off(_file: &File) -> io::Result<()> {
-    Ok(())
-}
-
-/// Writes `bytes` to the new, empty file `f` without the page cache. `Ok(false)`: the
-/// filesystem does not do direct I/O; nothing was written and `f` is as it was (empty, at
-/// offset 0, buffered), so the caller writes normally.
-#[cfg(target_os = "linux")]
-fn write_direct(f: &mut File, bytes: &[u8]) -> io::Result<bool> {
-    use std::io::{Seek, SeekFrom};
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL pass no memory. Setting O_DIRECT
-    // this way creates nothing, so a filesystem that refuses it leaves no file behind.
+    // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL pass no memory.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EINVAL) {
+        return if on && e.raw_os_error() == Some(libc::EINVAL) {
             Ok(false)
         } else {
             Err(e)
         };
     }
-    let written = with_direct_buffer(|buffer| -> io::Result<()> {
-        let chunk_len = bytes
-            .len()
-            .div_ceil(DIRECT_ALIGN)
-            .min(DIRECT_CHUNK / DIRECT_ALIGN)
-            * DIRECT_ALIGN;
-        if buffer.len() < chunk_len + DIRECT_ALIGN {
-            buffer.reserve_exact(chunk_len + DIRECT_ALIGN - buffer.len());
-            buffer.resize(chunk_len + DIRECT_ALIGN, 0);
-        }
-        let skew = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        let Some(aligned) = buffer.get_mut(skew..skew + chunk_len) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
-        for chunk in bytes.chunks(chunk_len) {
-            let padded = chunk.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            aligned[..chunk.len()].copy_from_slice(chunk);
-            aligned[chunk.len()..padded].fill(0);
-            f.write_all(&aligned[..padded])?;
-        }
-        Ok(())
-    });
-    match written {
-        Ok(()) => {
-            // The last block was padded: cut the file to its real length.
-            f.set_len(bytes.len() as u64)?;
-            Ok(true)
-        }
-        // Direct I/O refused after all (e.g. stricter alignment): start over, buffered.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // SAFETY: as above.
-            if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            f.set_len(0)?;
-            f.seek(SeekFrom::Start(0))?;
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    Ok(true)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn write_direct(_f: &mut File, _bytes: &[u8]) -> io::Result<bool> {
-    Ok(false)
+fn set_direct(_file: &File, on: bool) -> io::Result<bool> {
+    Ok(!on)
+}
+
+/// Writes `bytes` to the new, empty file `f` without the page cache, through a
+/// [`DirectBuffer`]. `Ok(false)`: the filesystem does not do direct I/O, or refused it after
+/// all (e.g. stricter alignment); nothing was written and `f` is as it was (empty, at offset 0,
+/// buffered), so the caller writes normally.
+fn write_direct(f: &mut File, bytes: &[u8]) -> io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    let Some(mut direct) = DirectBuffer::enable(f, bytes.len())? else {
+        return Ok(false);
+    };
+    let done = match direct.write(f, bytes)? {
+        Ok(()) => direct.finish(f, bytes.len() as u64)?,
+        refused => refused,
+    };
+    if done.is_err() {
+        // Refused: start over, buffered (direct I/O is off again).
+        f.set_len(0)?;
+        f.seek(SeekFrom::Start(0))?;
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Blobs at least this large start their writeback as soon as they are staged; smaller ones
@@ -1312,7 +1264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
         let mut file = File::create(&path).unwrap();
-        let Some(mut direct) = DirectBuffer::enable(&file).unwrap() else {
+        let Some(mut direct) = DirectBuffer::enable(&file, DIRECT_CHUNK).unwrap() else {
             eprintln!("no direct I/O on this filesystem: nothing to refuse");
             return;
         };
@@ -1320,7 +1272,7 @@ mod tests {
         assert_eq!(direct.write(&mut file, &first).unwrap(), Ok(()));
         assert_eq!(direct.write(&mut file, &[2u8; 100]).unwrap(), Ok(()));
         // What a partial write before the refusal would leave: 4 KiB of the next chunk.
-        direct_off(&file).unwrap();
+        set_direct(&file, false).unwrap();
         file.write_all(&[9u8; DIRECT_ALIGN]).unwrap();
         let held = direct
             .refused(&file, io::Error::from_raw_os_error(libc::EINVAL), &[3u8; 7])
@@ -1333,7 +1285,7 @@ mod tests {
         assert!(on_disk == [first, held].concat(), "{} bytes", on_disk.len());
         // Any other error is the caller's, as it is.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        let mut direct = DirectBuffer::enable(&file).unwrap().unwrap();
+        let mut direct = DirectBuffer::enable(&file, DIRECT_CHUNK).unwrap().unwrap();
         let other = direct.refused(&file, io::Error::from_raw_os_error(libc::EIO), &[]);
         assert_eq!(other.unwrap_err().raw_os_error(), Some(libc::EIO));
     }
