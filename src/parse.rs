@@ -375,43 +375,37 @@ fn collect_attachments<S: AttachmentSink>(
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
         let content_type = content_type_of(part);
-        if let Some(id) = part.streamed {
+        let (sha256, size, nested) = if let Some(id) = part.streamed {
             // Already in the sink, piece by piece, while the parser decoded it.
             let Some(&(sha256, size)) = ended.get(id as usize) else {
                 return Err(ParseWithSinkError::Parse(ParseError::ParserPanicked(
                     format!("large part {id} was not handed over"),
                 )));
             };
-            out.push(Attachment {
-                ordinal,
-                parent,
-                filename,
-                content_type,
-                sha256,
-                size,
-            });
-            continue;
-        }
-        let (bytes, nested): (std::borrow::Cow<'_, [u8]>, _) = match &part.body {
-            PartType::Binary(b) | PartType::InlineBinary(b) => {
-                (std::borrow::Cow::Borrowed(b.as_ref()), None)
-            }
-            PartType::Text(t) | PartType::Html(t) => (text_part_bytes(message, part, t), None),
-            PartType::Message(inner) => {
-                (std::borrow::Cow::Borrowed(inner.raw_message()), Some(inner))
-            }
-            PartType::Multipart(_) => continue,
+            (sha256, size, None)
+        } else {
+            let (bytes, nested): (std::borrow::Cow<'_, [u8]>, _) = match &part.body {
+                PartType::Binary(b) | PartType::InlineBinary(b) => {
+                    (std::borrow::Cow::Borrowed(b.as_ref()), None)
+                }
+                PartType::Text(t) | PartType::Html(t) => (text_part_bytes(message, part, t), None),
+                PartType::Message(inner) => {
+                    (std::borrow::Cow::Borrowed(inner.raw_message()), Some(inner))
+                }
+                PartType::Multipart(_) => continue,
+            };
+            let sha256 = Sha256Digest::of(&bytes);
+            sink.attachment(&bytes, sha256)
+                .map_err(ParseWithSinkError::Sink)?;
+            (sha256, bytes.len() as u64, nested)
         };
-        let sha256 = Sha256Digest::of(&bytes);
-        sink.attachment(&bytes, sha256)
-            .map_err(ParseWithSinkError::Sink)?;
         out.push(Attachment {
             ordinal,
             parent,
             filename,
             content_type,
             sha256,
-            size: bytes.len() as u64,
+            size,
         });
         if let Some(inner) = nested
             && depth < MAX_NESTING
