@@ -190,40 +190,21 @@ pub fn set_differential_check(on: bool) {
 /// Compacted base64 text is decoded once this much has been collected.
 const BULK_CHUNK: usize = 64 * 1024;
 
-/// True if every byte is in the base64 alphabet (`A-Z a-z 0-9 + /`). Branch-free per byte, so
-/// that it vectorizes.
-#[inline(always)]
-fn all_alphabet(bytes: &[u8]) -> bool {
-    bytes.iter().fold(true, |ok, &ch| {
-        ok & (ch.is_ascii_uppercase()
-            | ch.is_ascii_lowercase()
-            | ch.is_ascii_digit()
-            | (ch == b'+')
-            | (ch == b'/'))
-    })
-}
-
-/// Appends the decoding of `groups` (whole groups of four alphabet characters, no padding),
-/// with SIMD where the CPU has it (base64-simd detects AVX2, SSSE3 or NEON at run time).
-fn decode_whole_groups(groups: &[u8], out: &mut Vec<u8>) {
-    use base64::Engine as _;
+/// Appends the decoding of `groups` (whole groups of four characters, no padding), with SIMD
+/// where the CPU has it (base64-simd detects AVX2, SSSE3 or NEON at run time), which also
+/// checks that every character is in the alphabet (`A-Z a-z 0-9 + /`). False, with `out` as
+/// it was, if one is not: the caller then leaves those lines to the byte loop.
+fn decode_whole_groups(groups: &[u8], out: &mut Vec<u8>) -> bool {
     debug_assert!(groups.len() % 4 == 0);
     let len = out.len();
     if base64_simd::STANDARD_NO_PAD
         .decode_append(groups, out)
         .is_ok()
     {
-        return;
+        return true;
     }
     out.truncate(len);
-    if base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode_vec(groups, out)
-        .is_err()
-    {
-        // Unreachable for whole groups of the alphabet; upstream's slice decoder regardless.
-        out.truncate(len);
-        out.extend(base64_decode(groups).unwrap_or_default());
-    }
+    false
 }
 
 /// mailintake patch: where `decode_base64_mime_spilling` hands a part's decoded bytes once
@@ -279,6 +260,7 @@ impl<'s> Spill<'s> {
 
 /// State of `decode_base64_mime`'s loop that the bulk step advances exactly as the byte loop
 /// would have.
+#[derive(Clone, Copy)]
 struct LineState {
     last_ch: u8,
     before_last_ch: u8,
@@ -288,16 +270,18 @@ struct LineState {
 /// The bulk step: from `rest` (which starts at stream offset `base`, with no partial group
 /// pending), takes line after line whose text (up to `\n` or `\r\n`) is a non-empty multiple
 /// of four characters of the base64 alphabet, and appends their decoding to `buf`. It stops
-/// before the first other line (a partial group, `=`, whitespace, a boundary, an invalid byte,
-/// no line break), which the byte loop then handles.
-///
-/// Returns how many bytes of `rest` it consumed, and up to where (from the start of `rest`)
-/// calling it again is pointless: the end of the line it stopped at, or the end of `rest` if
-/// no line break follows. The caller does not call it again before that, which keeps the
-/// work linear in the input however it is damaged.
+/// before the first line that cannot be (a partial group, padding, a boundary, no line break),
+/// which the byte loop then handles.
 ///
 /// Lines are copied without their line breaks into a chunk of up to `BULK_CHUNK` bytes, which
-/// is then decoded at once.
+/// is then decoded at once; the decoding checks the alphabet. A chunk that holds another
+/// character (whitespace inside a line, an invalid byte) is left undecoded, and the bulk step
+/// ends at its start.
+///
+/// Returns how many bytes of `rest` it consumed, and up to where (from the start of `rest`)
+/// calling it again is pointless: the end of the line it stopped at, the end of the chunk it
+/// left, or the end of `rest` if no line break follows. The caller does not call it again
+/// before that, which keeps the work linear in the input however it is damaged.
 fn bulk_lines(
     rest: &[u8],
     base: usize,
@@ -306,6 +290,10 @@ fn bulk_lines(
     mut spill: Option<&mut Spill<'_>>,
 ) -> (usize, usize) {
     let mut compacted: Vec<u8> = Vec::new();
+    // Where the chunk being collected starts, and the state before it: a chunk that does not
+    // decode (a character outside the alphabet) is given back whole to the byte loop.
+    let mut chunk_start = 0;
+    let mut before_chunk = *state;
     let mut i = 0;
     let stop = loop {
         let Some(nl) = memchr::memchr(b'\n', &rest[i..]) else {
@@ -315,8 +303,13 @@ fn bulk_lines(
             [ref text @ .., b'\r'] => (text, true),
             ref text => (text, false),
         };
-        if text.is_empty() || text.len() % 4 != 0 || !all_alphabet(text) {
-            break i + nl + 1;
+        // The alphabet is checked by the decoding of the chunk; what ends a part's lines
+        // (padding, the boundary) is checked here, so that it ends the chunk rather than
+        // spoiling it.
+        match text {
+            [b'-', ..] | [.., b'='] => break i + nl + 1,
+            _ if text.is_empty() || text.len() % 4 != 0 => break i + nl + 1,
+            _ => {}
         }
         compacted.extend_from_slice(text);
         *state = if cr {
@@ -334,15 +327,21 @@ fn bulk_lines(
         };
         i += nl + 1;
         if compacted.len() >= BULK_CHUNK {
-            decode_whole_groups(&compacted, buf);
+            if !decode_whole_groups(&compacted, buf) {
+                *state = before_chunk;
+                return (chunk_start, i);
+            }
             compacted.clear();
+            chunk_start = i;
+            before_chunk = *state;
             if let Some(spill) = spill.as_deref_mut() {
                 spill.check(buf);
             }
         }
     };
-    if !compacted.is_empty() {
-        decode_whole_groups(&compacted, buf);
+    if !compacted.is_empty() && !decode_whole_groups(&compacted, buf) {
+        *state = before_chunk;
+        return (chunk_start, stop);
     }
     (i, stop)
 }
