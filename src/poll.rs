@@ -879,6 +879,7 @@ async fn fetch_batches(
             return Ok(());
         };
         let slot = async { batches.reserve().await.ok() };
+        let budgeted = std::time::Instant::now();
         let Some(permit) = serving_acks(p, session, uidvalidity, &mut acks, slot).await else {
             return Ok(()); // the processor stopped; it reports why
         };
@@ -896,7 +897,8 @@ async fn fetch_batches(
             mailbox = %p.mb.id,
             messages = fetched.len(),
             bytes,
-            waited_ms = (started - waited).as_secs_f64() * 1e3,
+            budget_ms = (budgeted - waited).as_secs_f64() * 1e3,
+            slot_ms = (started - budgeted).as_secs_f64() * 1e3,
             fetch_ms = (received - started).as_secs_f64() * 1e3,
             "batch fetched"
         );
