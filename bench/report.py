@@ -140,6 +140,30 @@ def ratio_lines(profile, st):
     return rows, lines, ratios
 
 
+def per_repetition(profile, runs):
+    """Lines of mailintake's wall over the limit's and mbsync's within each repetition (the
+    runners of one repetition run minutes apart, the repetitions further apart): how far the
+    machine's speed moved during the run. Informational; the targets use the medians."""
+    by = {}
+    for r in runs:
+        if r["profile"] == profile and r.get("ok"):
+            by.setdefault(r["rep"], {})[r["runner"]] = r["wall_s"]
+    out = []
+    for backend in ("sqlite", "postgres"):
+        for ref in ("limit", "mbsync"):
+            pairs = [(rep, w[f"mailintake-{backend}"] / w[ref]) for rep, w in sorted(by.items())
+                     if f"mailintake-{backend}" in w and ref in w]
+            if len(pairs) < 2:
+                continue
+            each = " / ".join(f"{x:.2f}" for _, x in pairs)
+            out.append(f"| mailintake-{backend} / {ref} | {each} | {med([x for _, x in pairs]):.2f} |")
+    if not out:
+        return []
+    return ["", f"Within each repetition ({LABEL[profile]}; informational: how far the machine's speed "
+                "moved between repetitions; the targets use the medians above):", "",
+            "| wall ratio | repetitions in order | median |", "|---|---|---|", *out, ""]
+
+
 def verdict(cond, ours_failed=False):
     if ours_failed:
         return "FAIL (mailintake had no successful run)"
@@ -294,6 +318,7 @@ def render(runs, meta, raw_path):
               "| ratio | sqlite | postgres |", "|---|---|---|", *rows, ""]
         if lines:
             o += ["```text", *lines, "```"]
+        o += per_repetition(p, runs)
 
     o += ["", "## Targets", ""]
     tl = targets(all_ratios, all_st, all_failed, mstats)
