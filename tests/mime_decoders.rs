@@ -173,6 +173,37 @@ fn clean_base64_decodes_to_the_encoded_bytes_at_any_line_width() {
     }
 }
 
+/// Two short lines whose second line break falls where a line of the usual width would have
+/// ended: the bulk step, which looks for the next line break there first, must not take them
+/// for one line.
+#[test]
+fn short_lines_ending_where_a_usual_line_would_still_decode_right() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let payload: Vec<u8> = (0..150_000).map(|_| rng.random()).collect();
+    let encoded = STANDARD.encode(&payload);
+    for eol in ["\r\n", "\n"] {
+        // a + eol + b + eol spans as many bytes as 76 characters and their line break.
+        let (a, b) = (36, 76 - eol.len() - 36);
+        for at in [10usize, 700, 1500] {
+            let mut widths: Vec<usize> = vec![76; at];
+            widths.extend([a, b]);
+            let mut body = Vec::new();
+            let mut rest = encoded.as_bytes();
+            let mut widths = widths.into_iter();
+            while !rest.is_empty() {
+                let width = widths.next().unwrap_or(76).min(rest.len());
+                body.extend_from_slice(&rest[..width]);
+                body.extend_from_slice(eol.as_bytes());
+                rest = &rest[width..];
+            }
+            let raw = multipart(&[("a.pdf", &body)], eol);
+            let name = format!("eol {eol:?}, short lines after {at} lines");
+            let attachments = parse_checked(&name, &raw).unwrap_or_else(|e| panic!("{e}"));
+            assert!(attachments == [payload.clone()], "{name}: decoded bytes differ");
+        }
+    }
+}
+
 /// Inserts 1-5 pieces of `noise` at random places of an encoded body, and cuts it short at a
 /// random place one time in five.
 fn damage(rng: &mut StdRng, body: &mut Vec<u8>, noise: &[&[u8]]) {

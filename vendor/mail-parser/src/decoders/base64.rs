@@ -295,10 +295,19 @@ fn bulk_lines(
     let mut chunk_start = 0;
     let mut before_chunk = *state;
     let mut i = 0;
+    // Where the last line's break was, from its start: lines of one width follow each other,
+    // so the next break is looked for there first. A line that is shorter holds a line break
+    // before that, which is not of the alphabet: its chunk does not decode.
+    let mut last_nl = 0;
     let stop = loop {
-        let Some(nl) = memchr::memchr(b'\n', &rest[i..]) else {
+        let nl = if last_nl > 0 && rest.get(i + last_nl) == Some(&b'\n') {
+            last_nl
+        } else if let Some(nl) = memchr::memchr(b'\n', &rest[i..]) {
+            nl
+        } else {
             break rest.len();
         };
+        last_nl = nl;
         let (text, cr) = match rest[i..i + nl] {
             [ref text @ .., b'\r'] => (text, true),
             ref text => (text, false),
