@@ -199,7 +199,10 @@ fn short_lines_ending_where_a_usual_line_would_still_decode_right() {
             let raw = multipart(&[("a.pdf", &body)], eol);
             let name = format!("eol {eol:?}, short lines after {at} lines");
             let attachments = parse_checked(&name, &raw).unwrap_or_else(|e| panic!("{e}"));
-            assert!(attachments == [payload.clone()], "{name}: decoded bytes differ");
+            assert!(
+                attachments == [payload.clone()],
+                "{name}: decoded bytes differ"
+            );
         }
     }
 }
