@@ -313,12 +313,10 @@ fn bulk_lines(
             ref text => (text, false),
         };
         // The alphabet is checked by the decoding of the chunk; what ends a part's lines
-        // (padding, the boundary) is checked here, so that it ends the chunk rather than
-        // spoiling it.
-        match text {
-            [b'-', ..] | [.., b'='] => break i + nl + 1,
-            _ if text.is_empty() || text.len() % 4 != 0 => break i + nl + 1,
-            _ => {}
+        // (an empty line, a partial group, padding, the boundary) is checked here, so that it
+        // ends the chunk rather than spoiling it.
+        if text.len() % 4 != 0 || matches!(text, [] | [b'-', ..] | [.., b'=']) {
+            break i + nl + 1;
         }
         compacted.extend_from_slice(text);
         *state = if cr {
