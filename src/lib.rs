@@ -15,4 +15,6 @@ pub mod raw_store;
 pub mod registry;
 pub mod scheduler;
 pub mod secret;
+#[cfg(test)]
+mod test_data;
 pub mod x509;

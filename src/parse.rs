@@ -419,6 +419,7 @@ fn collect_attachments<S: AttachmentSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::{base64_lines, payload};
 
     fn parse_str(s: &str) -> Result<Submission, ParseError> {
         parse(s.as_bytes(), &Sha256Digest::of(s.as_bytes()))
@@ -438,30 +439,6 @@ mod tests {
         assert!(a.message_id_derived);
         assert_eq!(a.message_id, b.message_id);
         assert!(a.message_id.ends_with("@derived.mailintake.invalid"));
-    }
-
-    /// Deterministic bytes that do not compress into anything base64 treats specially.
-    fn payload(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        (0..len)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect()
-    }
-
-    fn base64_lines(bytes: &[u8]) -> String {
-        use base64::Engine as _;
-        let one = base64::engine::general_purpose::STANDARD.encode(bytes);
-        let lines: Vec<&str> = one
-            .as_bytes()
-            .chunks(76)
-            .map(|l| std::str::from_utf8(l).unwrap())
-            .collect();
-        lines.join("\r\n")
     }
 
     /// Records what a sink is given.

@@ -658,6 +658,7 @@ pub(crate) async fn forget_attempt(p: &Pipeline, source: &Source) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::{base64_lines, payload};
 
     async fn pipeline(dir: &std::path::Path, max_message_bytes: u64) -> Pipeline {
         let registry = Registry::open(&format!("sqlite://{}/registry.sqlite3", dir.display()))
@@ -768,26 +769,13 @@ JVBERi0xLjQK\r\n--b--\r\n";
 
     /// A message with a 3 MB base64 PDF, which the parse hands over a MiB at a time.
     fn with_large_pdf() -> (Vec<u8>, Vec<u8>) {
-        use base64::Engine as _;
-        let mut x = 7u64;
-        let pdf: Vec<u8> = (0..3_000_000)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                (x >> 56) as u8
-            })
-            .collect();
-        let encoded = base64::engine::general_purpose::STANDARD.encode(&pdf);
-        let lines: Vec<&str> = encoded
-            .as_bytes()
-            .chunks(76)
-            .map(|l| std::str::from_utf8(l).unwrap())
-            .collect();
+        let pdf = payload(3_000_000, 7);
         let raw = format!(
             "From: a@example.cz\r\nMessage-ID: <large@x>\r\nMIME-Version: 1.0\r\n\
 Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n\
 body\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n\
 {}\r\n--b--\r\n",
-            lines.join("\r\n")
+            base64_lines(&pdf)
         );
         (raw.into_bytes(), pdf)
     }
