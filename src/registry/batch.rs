@@ -153,8 +153,9 @@ pub(super) async fn delete_where_in(
 /// and filter the keys: on a young registry it has no statistics yet and takes the mailbox for
 /// selective, so every batch read every record of the mailbox so far (on the helpdesk
 /// benchmark's 10,000 messages, about 2.2 s of the server's time in a 4.6 s run; the same
-/// whether the keys are an `IN` list or row values, whose common mailbox it factors out). `OFFSET 0` keeps the subquery
-/// apart, so each key is an equality on the whole unique key: one probe.
+/// whether the keys are an `IN` list or row values, whose common mailbox it factors out).
+/// `OFFSET 0` keeps the subquery apart, so each key is an equality on the whole unique key:
+/// one probe.
 pub(super) fn probes(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("(${i})"))
@@ -207,6 +208,16 @@ impl<'a> FolderUids<'a> {
             param(backend, 3),
             placeholders(backend, 4, chunk.len())
         );
+        self.bound(sql, chunk)
+    }
+
+    /// `sql` with this folder's key bound as its first three parameters and the UIDs of
+    /// `chunk` as the ones after. `sql` holds constant text and placeholders only.
+    pub(super) fn bound(
+        &self,
+        sql: String,
+        chunk: &[i64],
+    ) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(self.mailbox_id)
             .bind(self.folder)
@@ -267,22 +278,15 @@ impl Registry {
                     "",
                     chunk,
                 ),
-                Backend::Postgres => {
-                    let sql = format!(
+                Backend::Postgres => here.bound(
+                    format!(
                         "SELECT l.uid, l.message_id FROM (VALUES {}) AS k(uid), LATERAL \
                          (SELECT uid, message_id FROM message_locations WHERE mailbox_id = $1 \
                           AND folder = $2 AND uidvalidity = $3 AND uid = k.uid OFFSET 0) AS l",
                         probes(4, chunk.len())
-                    );
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .bind(owner)
-                        .bind(folder)
-                        .bind(uidvalidity);
-                    for uid in chunk {
-                        query = query.bind(*uid);
-                    }
-                    query
-                }
+                    ),
+                    chunk,
+                ),
             };
             for row in query
                 .fetch_all(&mut **tx)
